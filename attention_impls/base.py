@@ -1,0 +1,136 @@
+"""The contract every attention implementation follows (DESIGN.md section 2).
+
+An implementation is an ``nn.Module`` subclass of :class:`AttentionModule` with
+
+* class attributes for its metadata (family, paper, complexity, exactness,
+  causal support) and its ``Config`` dataclass of hyperparameters;
+* ``__init__(config, *, seq_len, heads, head_dim)``: build for these shapes
+  (learned or random projections live in the module);
+* ``forward(q, k, v, *, causal=False)`` on ``(batch, heads, seq_len, head_dim)``
+  tensors, returning the same shape;
+* ``flops(...)`` and ``memory_bytes(...)``: what one forward really computes
+  and roughly how many bytes it allocates, for roofline figures and budgets;
+* ``unsupported_reason(...)``: ``None`` or the one-line reason a case can not run.
+
+It is registered with :func:`attention_impls.registry.register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AttentionModule",
+    "EmptyConfig",
+    "UnsupportedCase",
+    "check_qkv",
+    "masked_softmax",
+    "pad_seq",
+]
+
+
+class UnsupportedCase(ValueError):
+    """A case this implementation can not run (a clear, one-line reason)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmptyConfig:
+    """For implementations without hyperparameters."""
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error unless q, k, v are (batch, heads, seq_len, head_dim) alike."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq_len, head_dim); got shape {tuple(t.shape)}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] < 1:
+        raise ValueError("seq_len must be at least 1")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must share dtype and device")
+
+
+def pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad dim 2 (seq_len) of a (batch, heads, seq_len, dim) tensor up to a multiple."""
+    seq_len = x.shape[2]
+    padded_len = math.ceil(seq_len / multiple) * multiple
+    if padded_len == seq_len:
+        return x
+    return nn.functional.pad(x, (0, 0, 0, padded_len - seq_len))  # (batch, heads, padded_len, dim)
+
+
+class AttentionModule(nn.Module):
+    """Base class of every registered implementation; see the module docstring."""
+
+    # --- metadata, set by each subclass ---------------------------------
+    Config: ClassVar[type] = EmptyConfig
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    time_complexity: ClassVar[str] = ""
+    memory_complexity: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    supports_causal: ClassVar[bool] = True
+    # shared query-key attention (Reformer): the exact reference ties k to q
+    shared_qk: ClassVar[bool] = False
+
+    def __init__(self, config: Any, *, seq_len: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.seq_len = seq_len
+        self.heads = heads
+        self.head_dim = head_dim
+
+    # --- the contract -----------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reject_causal(self, causal: bool) -> None:
+        """Call first in forward: a causal request to an implementation without causal support fails clearly."""
+        if causal and not self.supports_causal:
+            raise UnsupportedCase(f"{type(self).__name__} does not support causal masking")
+
+    @classmethod
+    def unsupported_reason(
+        cls, config: Any, *, seq_len: int, head_dim: int, causal: bool, device: str, dtype: torch.dtype
+    ) -> str | None:
+        """None when the case can run; otherwise one line saying why not."""
+        if seq_len < 1:
+            return f"seq_len must be >= 1, got {seq_len}"
+        if causal and not cls.supports_causal:
+            return f"{cls.__name__} does not support causal masking"
+        return None
+
+    @classmethod
+    def flops(cls, config: Any, *, batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float:
+        """Floating-point operations (2 x multiply-adds) of one forward call."""
+        raise NotImplementedError
+
+    @classmethod
+    def memory_bytes(
+        cls, config: Any, *, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int, causal: bool
+    ) -> float:
+        """Rough upper estimate of the bytes one forward allocates beyond its inputs (for budgets)."""
+        raise NotImplementedError
+
+
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Numerically stable softmax over the last dim where ``keep`` is False is excluded.
+
+    The row maximum is subtracted before exponentiating; a row with no kept
+    entry yields zeros, not NaN.
+    """
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)  # exp(-inf) = 0 for excluded entries
+    denom = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))

@@ -1,0 +1,336 @@
+"""The registry of attention implementations.
+
+Adding one is a decorator::
+
+    @register("myattn")
+    class MyAttention(AttentionModule): ...
+
+``list_impls("lin*")`` filters by wildcard; ``get(name)`` returns a fresh
+:class:`ImplSpec` (its own config copy, never a handle into the registry);
+an unknown name raises :class:`UnknownImplError` naming the close matches;
+a name registered twice raises :class:`DuplicateImplError` naming both places.
+
+Other installed packages add implementations through the entry-point group
+``attention_impls``: the entry point names a module (importing it registers
+its classes) or an ``AttentionModule`` subclass (registered under the entry
+point's name). Modules listed in the environment variable ``ATTNBENCH_IMPORT``
+(comma-separated) are imported too; the sweep runner's workers inherit it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import importlib.metadata
+import inspect
+import os
+import re
+import types
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from attention_impls.base import AttentionModule
+
+__all__ = [
+    "BUILTIN_MODULES",
+    "ENTRY_POINT_GROUP",
+    "DuplicateImplError",
+    "ImplSpec",
+    "RegistryError",
+    "UnknownImplError",
+    "get",
+    "list_impls",
+    "load_errors",
+    "register",
+]
+
+ENTRY_POINT_GROUP = "attention_impls"
+IMPORT_ENV_VAR = "ATTNBENCH_IMPORT"
+BUILTIN_SOURCE = "built-in"
+# one file per mechanism; imported on first use of the registry
+BUILTIN_MODULES = (
+    "attention_impls.full",
+    "attention_impls.sdpa",
+)
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RegistryError(Exception):
+    """Base class of registry errors; str() is one clear line."""
+
+
+class UnknownImplError(RegistryError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class DuplicateImplError(RegistryError):
+    pass
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    module_cls: type[AttentionModule]
+    source: str  # "built-in" or the distribution that provides it
+    origin: str  # "file:line" of the class, for duplicate errors
+
+
+_entries: dict[str, _Entry] = {}
+_load_errors: list[str] = []
+_loaded = False
+_current_source: str | None = None  # set while a plugin's entry point is loading
+
+
+def _origin_of(cls: type) -> str:
+    try:
+        path = inspect.getsourcefile(cls) or "?"
+        line = inspect.getsourcelines(cls)[1]
+        return f"{path}:{line}"
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _source_of(cls: type) -> str:
+    if _current_source is not None:
+        return _current_source
+    return BUILTIN_SOURCE if cls.__module__.startswith("attention_impls.") else cls.__module__
+
+
+def _add(name: str, cls: type[AttentionModule]) -> None:
+    if not _NAME_RE.match(name):
+        raise RegistryError(f"invalid implementation name {name!r}: use lower case letters, digits and _")
+    if not (isinstance(cls, type) and issubclass(cls, AttentionModule)):
+        raise RegistryError(f"{name!r}: registered object must subclass AttentionModule, got {cls!r}")
+    if not dataclasses.is_dataclass(cls.Config):
+        raise RegistryError(f"{name!r}: {cls.__name__}.Config must be a dataclass")
+    origin = _origin_of(cls)
+    if name in _entries:
+        if _entries[name].module_cls is cls:
+            return  # the same class seen twice (module imported by two routes)
+        raise DuplicateImplError(
+            f"attention implementation {name!r} registered twice: at {_entries[name].origin} "
+            f"({_entries[name].source}) and at {origin} ({_source_of(cls)})"
+        )
+    _entries[name] = _Entry(name=name, module_cls=cls, source=_source_of(cls), origin=origin)
+
+
+def register(name: str) -> Callable[[type[AttentionModule]], type[AttentionModule]]:
+    """Class decorator: register an AttentionModule subclass under ``name``."""
+
+    def decorator(cls: type[AttentionModule]) -> type[AttentionModule]:
+        _add(name, cls)
+        return cls
+
+    return decorator
+
+
+def _load_entry_points() -> None:
+    global _current_source
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist_name = ep.dist.name if ep.dist is not None else ep.value
+        _current_source = dist_name
+        try:
+            loaded = ep.load()
+            if isinstance(loaded, type) and issubclass(loaded, AttentionModule):
+                _add(ep.name, loaded)
+            elif not isinstance(loaded, types.ModuleType):
+                raise RegistryError(
+                    f"entry point {ep.name!r} = {ep.value!r} is neither a module nor an AttentionModule"
+                )
+        except DuplicateImplError:
+            raise
+        except Exception as exc:  # a broken plugin must not take the others down
+            message = f"plugin {dist_name} ({ep.name} = {ep.value}) failed to load: {type(exc).__name__}: {exc}"
+            _load_errors.append(message)
+            warnings.warn(message, stacklevel=2)
+        finally:
+            _current_source = None
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module_name in BUILTIN_MODULES:
+        importlib.import_module(module_name)
+    _load_entry_points()
+    for module_name in filter(None, (m.strip() for m in os.environ.get(IMPORT_ENV_VAR, "").split(","))):
+        importlib.import_module(module_name)
+
+
+def load_errors() -> list[str]:
+    """Messages of plugins that failed to load (they are skipped, not fatal)."""
+    _ensure_loaded()
+    return list(_load_errors)
+
+
+def list_impls(pattern: str | list[str] = "*") -> list[str]:
+    """Sorted names matching one wildcard pattern (or any of several)."""
+    _ensure_loaded()
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    return sorted(name for name in _entries if any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    """Convert a command-line string to the type of the field's default."""
+    if not isinstance(value, str):
+        return value
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{field.name} expects true or false, got {value!r}")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if default is None and value.lower() == "none":
+        return None
+    if default is None:
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplSpec:
+    """One implementation with one config: what ``get`` returns. A fresh value each time."""
+
+    name: str
+    module_cls: type[AttentionModule]
+    config: Any
+    source: str
+    origin: str
+
+    # metadata, read from the class
+    @property
+    def family(self) -> str:
+        return self.module_cls.family
+
+    @property
+    def paper(self) -> str:
+        return self.module_cls.paper
+
+    @property
+    def time_complexity(self) -> str:
+        return self.module_cls.time_complexity
+
+    @property
+    def memory_complexity(self) -> str:
+        return self.module_cls.memory_complexity
+
+    @property
+    def exact(self) -> bool:
+        return self.module_cls.exact
+
+    @property
+    def supports_causal(self) -> bool:
+        return self.module_cls.supports_causal
+
+    @property
+    def shared_qk(self) -> bool:
+        return self.module_cls.shared_qk
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def with_params(self, **overrides: Any) -> ImplSpec:
+        """A copy with some hyperparameters changed; strings are converted to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self.config)}
+        converted = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                valid = ", ".join(fields) or "none"
+                raise RegistryError(f"{self.name} has no hyperparameter {key!r} (valid: {valid})")
+            try:
+                converted[key] = _coerce(fields[key], value)
+            except ValueError as exc:
+                raise RegistryError(f"{self.name}.{key}: {exc}") from None
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, **converted))
+
+    def build(
+        self,
+        *,
+        seq_len: int,
+        heads: int,
+        head_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> AttentionModule:
+        """The module for these shapes, on this device and dtype."""
+        module = self.module_cls(self.config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+        return module.to(device=device, dtype=dtype)
+
+    def unsupported_reason(
+        self, *, seq_len: int, head_dim: int, causal: bool, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> str | None:
+        return self.module_cls.unsupported_reason(
+            self.config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=str(device), dtype=dtype
+        )
+
+    def flops(self, *, batch: int, heads: int, seq_len: int, head_dim: int, causal: bool = False) -> float:
+        return float(
+            self.module_cls.flops(
+                self.config, batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal
+            )
+        )
+
+    def memory_bytes(
+        self, *, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int, causal: bool = False
+    ) -> float:
+        return float(
+            self.module_cls.memory_bytes(
+                self.config,
+                batch=batch,
+                heads=heads,
+                seq_len=seq_len,
+                head_dim=head_dim,
+                itemsize=itemsize,
+                causal=causal,
+            )
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata as plain values (for ``attnbench list --json``)."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "time_complexity": self.time_complexity,
+            "memory_complexity": self.memory_complexity,
+            "exact": self.exact,
+            "causal": self.supports_causal,
+            "source": self.source,
+            "params": self.params(),
+        }
+
+
+def get(name: str, params: Mapping[str, Any] | None = None) -> ImplSpec:
+    """A fresh spec of the implementation ``name`` with its default config (updated by ``params``)."""
+    _ensure_loaded()
+    if name not in _entries:
+        close = difflib.get_close_matches(name, list(_entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; registered: {', '.join(sorted(_entries))}"
+        raise UnknownImplError(f"unknown attention implementation {name!r}{hint}")
+    entry = _entries[name]
+    spec = ImplSpec(
+        name=entry.name,
+        module_cls=entry.module_cls,
+        config=entry.module_cls.Config(),
+        source=entry.source,
+        origin=entry.origin,
+    )
+    return spec.with_params(**params) if params else spec

@@ -1,0 +1,1 @@
+"""An attnbench plugin; importing ``attnbench_example_plugin.chunked`` registers ``chunked``."""

@@ -1,0 +1,40 @@
+"""Exact attention written independently of attention_impls, in float64, for the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in float64, on (batch, heads, seq_len, head_dim) tensors.
+
+    With ``shared_qk`` (the Reformer's shared query-key attention) the keys are
+    the queries normalized to unit length, and a position attends to itself only
+    when no other position is allowed.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    if shared_qk:
+        k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    seq_len = q.shape[2]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    i = torch.arange(seq_len).unsqueeze(1)
+    j = torch.arange(seq_len).unsqueeze(0)
+    allowed = (j <= i) if causal else torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if shared_qk:
+        others = allowed & (i != j)
+        allowed = torch.where(others.any(dim=-1, keepdim=True), others, allowed)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores - scores.max(dim=-1, keepdim=True).values
+    weights = scores.exp()
+    probs = weights / weights.sum(dim=-1, keepdim=True)
+    return torch.einsum("bhij,bhjd->bhid", probs, v)
+
+
+def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """||out - exact|| / ||exact|| (Frobenius), in float64."""
+    out, exact = out.double(), exact.double()
+    return float((out - exact).norm() / exact.norm())
