@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -55,6 +58,169 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- run
+
+
+def _resolve_impls(patterns: list[str]) -> list[str]:
+    from attention_impls import registry
+
+    names: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matched = registry.list_impls(pattern)
+            if not matched:
+                raise UsageError(
+                    f"no implementation matches {pattern!r} (registered: {', '.join(registry.list_impls())})"
+                )
+            names.extend(matched)
+        else:
+            names.append(registry.get(pattern).name)  # raises UnknownImplError with suggestions
+    return list(dict.fromkeys(names))
+
+
+def _check_writable(path: Path) -> None:
+    """The output file (or the nearest existing folder above it) must be writable; nothing is created."""
+    if path.exists():
+        if path.is_dir():
+            raise UsageError(f"output path {path} is a directory")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"output file {path} is not writable")
+        return
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise UsageError(f"cannot write {path}: {ancestor} is not a writable directory")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    import psutil
+
+    from attention_impls import registry
+    from bench import cases as grid
+    from bench.results import ResultsError, iter_records
+    from bench.runner import Sweep, SweepOptions
+
+    try:
+        seq_lens = grid.parse_seq_lens(args.seq_lens)
+        devices = grid.parse_devices(args.devices or _default_device())
+        dtypes = grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype")
+        modes = grid.parse_list(args.modes, allowed=grid.MODES, what="mode")
+        residuals = grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual")
+        depths = [grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip()]
+        overrides = grid.parse_param_overrides(args.param)
+        for name, value in (("--batch", args.batch), ("--heads", args.heads), ("--head-dim", args.head_dim)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        if not depths or min(depths) < 1:
+            raise UsageError(f"--depths must be positive integers, got {args.depths!r}")
+        if args.timeout <= 0 or args.min_time < 0:
+            raise UsageError("--timeout must be positive and --min-time not negative")
+        if args.budget_gb is not None and args.budget_gb <= 0:
+            raise UsageError(f"--budget-gb must be positive, got {args.budget_gb}")
+        names = _resolve_impls(args.impls.split(",") if args.impls else ["*"])
+        impl_params: dict[str, dict] = {}
+        for impl, params in overrides.items():
+            spec = registry.get(impl)
+            if impl not in names:
+                raise UsageError(f"--param names {impl!r}, which is not among the implementations to run")
+            impl_params[impl] = spec.with_params(**params).params()
+        impls = {name: impl_params.get(name, {}) for name in names}
+        cases = grid.expand_grid(
+            impls=impls,
+            seq_lens=seq_lens,
+            devices=devices,
+            dtypes=dtypes,
+            modes=modes,
+            batch=args.batch,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            causal=args.causal,
+            scope=args.scope,
+            depths=depths,
+            residuals=residuals,
+        )
+    except (grid.GridError, registry.RegistryError) as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    _check_writable(out)
+    if out.exists():
+        try:
+            for _ in iter_records(out):
+                pass
+        except ResultsError as exc:
+            raise UsageError(str(exc)) from None
+    options = SweepOptions(
+        out=out,
+        threads=args.threads or psutil.cpu_count(logical=False) or 1,
+        timeout_s=args.timeout,
+        min_time_s=args.min_time,
+        min_samples=args.min_samples,
+        seed=args.seed,
+        budget_bytes=args.budget_gb * 2**30 if args.budget_gb is not None else None,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        quiet=args.quiet,
+        error_max_len=args.error_max_len,
+    )
+    sweep = Sweep(cases, options, log=lambda line: print(line, file=sys.stderr))
+    try:
+        probe = sweep.probe_env(devices, dtypes)
+        if probe["problems"]:
+            raise UsageError("; ".join(probe["problems"]))
+        summary = sweep.run(probe["env"], started=started)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        sweep.close()
+    for line in summary.lines():
+        print(line)
+    print(f"results: {out}")
+    return 0
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a sweep of cases and append the results to a JSONL file")
+    p.add_argument("--impls", help="names or wildcards, comma-separated (default: all registered)")
+    p.add_argument(
+        "--seq-lens", default="256:16384:x2", help="list and/or ranges: 256,512 or 256:16384:x2 or 1024:8192:+1024"
+    )
+    p.add_argument("--devices", help="cpu, cuda, cuda:1, mps (comma-separated; default: cuda when present, else cpu)")
+    p.add_argument("--dtypes", default="float32", help="float32, float64, float16, bfloat16 (comma-separated)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--causal", action="store_true", help="causal masking")
+    p.add_argument(
+        "--scope", choices=("attention", "layers"), default="attention", help="the kernel alone, or a layer stack"
+    )
+    p.add_argument("--depths", default="1", help="layer-stack depths, comma-separated (--scope layers)")
+    p.add_argument("--residual", default="standard", help="standard and/or reversible (--scope layers)")
+    p.add_argument("--budget-gb", type=float, help="skip cases estimated above this (default: 60%% of free memory)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per case before its worker is killed")
+    p.add_argument("--min-time", type=float, default=0.5, help="minimum timed seconds per case")
+    p.add_argument("--min-samples", type=int, default=5, help="minimum timing samples per case (at least 5)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--error-max-len", type=int, default=4096, help="compute rel_error up to this length")
+    p.add_argument("--out", default="results/sweep.jsonl", help="results file (appended; a run resumes)")
+    p.add_argument("--force", action="store_true", help="run again cases already in the results file")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="run again cases that ended in error/timeout/oom/crashed"
+    )
+    p.add_argument("--param", action="append", default=[], metavar="IMPL.NAME=VALUE", help="hyperparameter override")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (for CI logs)")
+    p.set_defaults(func=_cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench", description="Benchmark how attention implementations scale with sequence length."
@@ -65,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'lin*'")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=_cmd_list)
+    _add_run_parser(sub)
     return parser
 
 

@@ -1,0 +1,234 @@
+"""What to run: the ``Case`` key and the parsing and validation of the grid.
+
+A case is frozen and hashable; its ``key()`` (canonical JSON) identifies it
+in results files, so a sweep that is run again skips what is already done.
+This module imports neither torch nor the registry: the grid is plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+MODES = ("fwd", "fwd+bwd")
+SCOPES = ("attention", "layers")
+RESIDUALS = ("standard", "reversible")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+MAX_SEQ_LEN = 1 << 24
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class GridError(ValueError):
+    """A malformed grid argument; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Case:
+    """One measurement: an implementation with its config, at one shape, device, dtype, mode and scope."""
+
+    impl: str
+    seq_len: int
+    mode: str = "fwd"  # "fwd" (no autograd) or "fwd+bwd" (forward + backward of a scalar loss)
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    causal: bool = False
+    scope: str = "attention"  # "attention": the kernel alone; "layers": a stack of transformer layers
+    depth: int = 1  # layers in the stack (1 for the attention scope)
+    residual: str = "standard"  # "standard" or "reversible" (layers scope only)
+    params: tuple[tuple[str, Any], ...] = ()  # the implementation's config, sorted (name, value) pairs
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise GridError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.scope not in SCOPES:
+            raise GridError(f"unknown scope {self.scope!r} (choose from {', '.join(SCOPES)})")
+        if self.residual not in RESIDUALS:
+            raise GridError(f"unknown residual {self.residual!r} (choose from {', '.join(RESIDUALS)})")
+        if self.dtype not in DTYPES:
+            raise GridError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        for name in ("seq_len", "batch", "heads", "head_dim", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GridError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def d_model(self) -> int:
+        return self.heads * self.head_dim
+
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["params"] = self.params_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Case:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise GridError(f"unknown case fields: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        values["params"] = tuple(sorted(dict(values.get("params") or {}).items()))
+        return cls(**values)
+
+    def key(self) -> str:
+        """Canonical JSON of every field: equal cases have equal keys."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def label(self) -> str:
+        """Short human-readable name for progress lines."""
+        parts = [self.impl, f"n={self.seq_len}", self.mode, self.device, self.dtype]
+        if self.causal:
+            parts.append("causal")
+        if self.scope == "layers":
+            parts.append(f"{self.residual}x{self.depth}")
+        return " ".join(parts)
+
+    def family_key(self) -> tuple:
+        """Everything but seq_len: cases on one scaling curve share it."""
+        return dataclasses.astuple(dataclasses.replace(self, seq_len=1))
+
+
+def parse_int(text: str, *, what: str) -> int:
+    text = text.strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise GridError(f"{what} must be an integer, got {text!r}")
+    return int(text)
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """``"256,1024"``, ``"256:16384:x2"`` (geometric) or ``"1024:8192:+1024"`` (arithmetic), combinable by commas."""
+    if not text or not text.strip():
+        raise GridError("--seq-lens is empty")
+    lengths: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise GridError(f"empty item in --seq-lens {text!r}")
+        if ":" in part:
+            lengths.extend(_parse_range(part))
+        else:
+            lengths.append(parse_int(part, what="a sequence length"))
+    for n in lengths:
+        if n < 1:
+            raise GridError(f"sequence lengths must be >= 1, got {n}")
+        if n > MAX_SEQ_LEN:
+            raise GridError(f"sequence length {n} exceeds {MAX_SEQ_LEN}")
+    return sorted(set(lengths))
+
+
+def _parse_range(part: str) -> list[int]:
+    pieces = part.split(":")
+    if len(pieces) != 3:
+        raise GridError(f"malformed range {part!r}: use START:STOP:xFACTOR or START:STOP:+STEP")
+    start = parse_int(pieces[0], what=f"range start in {part!r}")
+    stop = parse_int(pieces[1], what=f"range stop in {part!r}")
+    step = pieces[2].strip()
+    if start < 1 or stop < start:
+        raise GridError(f"malformed range {part!r}: need 1 <= START <= STOP")
+    values = []
+    if step.startswith("x"):
+        factor = parse_int(step[1:], what=f"range factor in {part!r}")
+        if factor < 2:
+            raise GridError(f"malformed range {part!r}: the factor must be at least 2")
+        n = start
+        while n <= stop:
+            values.append(n)
+            n *= factor
+    elif step.startswith("+"):
+        increment = parse_int(step[1:], what=f"range step in {part!r}")
+        if increment < 1:
+            raise GridError(f"malformed range {part!r}: the step must be at least 1")
+        values = list(range(start, stop + 1, increment))
+    else:
+        raise GridError(f"malformed range {part!r}: the step must be xFACTOR or +STEP")
+    return values
+
+
+def parse_list(text: str, *, allowed: Iterable[str], what: str) -> list[str]:
+    allowed = tuple(allowed)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GridError(f"{what} is empty")
+    for item in items:
+        if item not in allowed:
+            raise GridError(f"unknown {what} {item!r} (choose from {', '.join(allowed)})")
+    return list(dict.fromkeys(items))
+
+
+def parse_devices(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GridError("--devices is empty")
+    for item in items:
+        if not _DEVICE_RE.match(item):
+            raise GridError(f"unknown device {item!r} (use cpu, cuda, cuda:N or mps)")
+    return list(dict.fromkeys(items))
+
+
+def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``["linformer.k=128"]`` -> ``{"linformer": {"k": "128"}}`` (values converted later, by field type)."""
+    overrides: dict[str, dict[str, str]] = {}
+    for item in items:
+        match = re.fullmatch(r"([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)=(.+)", item.strip())
+        if not match:
+            raise GridError(f"malformed --param {item!r}: use IMPL.NAME=VALUE, e.g. linformer.k=128")
+        impl, name, value = match.groups()
+        overrides.setdefault(impl, {})[name] = value
+    return overrides
+
+
+def expand_grid(
+    *,
+    impls: Mapping[str, Mapping[str, Any]],
+    seq_lens: Iterable[int],
+    devices: Iterable[str],
+    dtypes: Iterable[str],
+    modes: Iterable[str],
+    batch: int,
+    heads: int,
+    head_dim: int,
+    causal: bool,
+    scope: str,
+    depths: Iterable[int] = (1,),
+    residuals: Iterable[str] = ("standard",),
+) -> list[Case]:
+    """Every combination, ordered so each curve runs from short to long (the runner may stop a curve early)."""
+    if scope == "attention":
+        depths, residuals = (1,), ("standard",)
+    cases = []
+    for device, dtype, (impl, params), mode, depth, residual, seq_len in itertools.product(
+        devices, dtypes, impls.items(), modes, depths, residuals, sorted(seq_lens)
+    ):
+        cases.append(
+            Case(
+                impl=impl,
+                seq_len=seq_len,
+                mode=mode,
+                device=device,
+                dtype=dtype,
+                batch=batch,
+                heads=heads,
+                head_dim=head_dim,
+                causal=causal,
+                scope=scope,
+                depth=depth,
+                residual=residual,
+                params=tuple(sorted(params.items())),
+            )
+        )
+    return cases
