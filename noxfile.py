@@ -12,6 +12,17 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PLUGIN = str(ROOT / "tests" / "plugin_pkg")
 
 nox.options.sessions = ["tests", "lint"]
+
+RESULTS = "results/bench.jsonl"
+REPORTS = "reports"
+# The default sweep: every registered implementation, forward and training step, 256 to 16384 tokens.
+# Quadratic ones stop where the runner predicts the time-out would be passed (or the memory budget).
+BENCH_ARGS = ["--seq-lens", "256:16384:x2", "--modes", "fwd,fwd+bwd", "--min-time", "0.2", "--timeout", "60"]
+# The layer-stack study: standard vs reversible residuals as the stack deepens.
+LAYERS_ARGS = [
+    "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4,12", "--residual", "standard,reversible",
+    "--seq-lens", "1024", "--modes", "fwd+bwd", "--min-time", "0.2", "--timeout", "120",
+]  # fmt: skip
 nox.options.reuse_venv = "yes"
 
 
@@ -27,6 +38,36 @@ def tests(session: nox.Session) -> None:
     _install_project(session, "test")
     session.install(*CONSTRAINTS, PLUGIN)  # a real plugin distribution, found through its entry point
     session.run("pytest", *session.posargs, env={"ATTNBENCH_REQUIRE_PLUGIN": "1"})
+
+
+def _out_path(args: list[str], default: str) -> str:
+    """The --out a user passed through posargs, or the default."""
+    for i, arg in enumerate(args):
+        if arg == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the default sweep on the default device (GPU if present) and rebuild reports/; posargs go to `attnbench run`."""
+    _install_project(session)
+    out = _out_path(session.posargs, RESULTS)
+    session.run("attnbench", "run", *BENCH_ARGS, "--out", out, *session.posargs)
+    if not session.posargs:
+        session.run("attnbench", "run", *LAYERS_ARGS, "--out", out)
+    session.run("attnbench", "report", out, "--out", REPORTS)
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Rebuild reports/ from the results files under results/ (no torch needed)."""
+    session.install("-e", ".", "--no-deps")
+    session.install("numpy", "pandas", "seaborn")
+    files = sorted(str(p) for p in (ROOT / "results").glob("*.jsonl"))
+    session.run("attnbench", "report", *(session.posargs or files), "--out", REPORTS)
 
 
 @nox.session

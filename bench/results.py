@@ -5,7 +5,8 @@ Schema history (``schema_version``):
       mean_s, samples, n_samples, calls_per_sample, noisy, measured_s),
       memory (peak_bytes, rss_peak_bytes, rss_before_bytes, memory_method),
       flops, achieved_flops_per_s, peak_flops_per_s, rel_error, estimate_bytes,
-      env, run_id, wall_s.
+      env, run_id, wall_s, impl_info (name, family, paper, time_complexity,
+      memory_complexity, exact, causal, source).
 
 Never imports torch: reports are rebuilt from ``results/`` alone.
 """

@@ -190,6 +190,15 @@ def estimate_bytes(case: Case) -> float:
     return factor * attention + inputs * (2 if case.mode == "fwd+bwd" else 1)
 
 
+def impl_info(name: str) -> dict[str, Any]:
+    """The implementation's metadata, stored in each record so reports need no registry (and no torch)."""
+    from attention_impls import get
+
+    info = get(name).describe()
+    info.pop("params")
+    return info
+
+
 def load_done(path: Path, env: dict[str, Any], *, retry_failed: bool) -> tuple[set[str], list[str]]:
     """Keys of the cases already finished in ``path`` under a comparable environment, and problems seen."""
     done: set[str] = set()
@@ -319,7 +328,8 @@ class Sweep:
                         }
                         result = self._run_one(case, case_options)
                     result["estimate_bytes"] = estimate_bytes(case)
-                    writer.write({"run_id": self.run_id, "case": case.to_dict(), **result, "env": env})
+                    record = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
+                    writer.write({**record, **result, "env": env})
                     counts[result["status"]] += 1
                     measured_s += result.get("measured_s") or 0.0
                     if result["status"] != "skipped" or case.family_key() not in self._curve_last:
