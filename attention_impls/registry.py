@@ -56,6 +56,8 @@ BUILTIN_SOURCE = "built-in"
 BUILTIN_MODULES = (
     "attention_impls.full",
     "attention_impls.sdpa",
+    "attention_impls.linear",
+    "attention_impls.linformer",
 )
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

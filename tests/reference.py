@@ -36,5 +36,5 @@ def reference_attention(
 
 def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     """||out - exact|| / ||exact|| (Frobenius), in float64."""
-    out, exact = out.double(), exact.double()
+    out, exact = out.detach().double(), exact.detach().double()
     return float((out - exact).norm() / exact.norm())

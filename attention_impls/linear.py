@@ -1,0 +1,288 @@
+"""Linear attention: a kernel feature map in place of the softmax.
+
+Paper: Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive
+Transformers with Linear Attention", https://arxiv.org/abs/2006.16236
+
+With a positive feature map phi (elu(x) + 1 in the paper) the attention of
+query i is
+
+    out_i = phi(q_i)^T S / (phi(q_i)^T z),   S = sum_j phi(k_j) v_j^T,   z = sum_j phi(k_j)
+
+Non-causal, S (head_dim x head_dim) and z are sums over all positions:
+O(n d^2) time. Causal, the sums run over j <= i only. Keeping every prefix
+S_i would take O(n d^2) memory, so the sequence is cut into chunks of
+``chunk_size`` positions: within a chunk the quadratic form (phi(Q_c)
+phi(K_c)^T masked lower-triangular) V_c is used, and the chunks before it
+enter through the carried state S and z: time O(n (d^2 + c d)) with
+c = chunk_size.
+
+Both paths walk the sequence a block at a time (``_BLOCK_ELEMENTS`` entries
+of q, a whole number of chunks; vectorized over the chunks of a block, a
+Python loop over blocks), applying the feature map to one block at a time and
+writing each block's result straight into the output. The only allocation
+that grows with n is the output itself: memory O(n d), and no large
+temporaries (which on CPU cost page faults as much as arithmetic).
+
+The normalizer z is carried as an extra column of the values (v | 1), so one
+matrix product gives numerator and denominator together. The denominator is
+floored at ``eps`` (clamp, not add: outputs are exact where it is not tiny), so
+a query whose features all vanish (relu, or elu + 1 of very negative inputs)
+yields zeros, not NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attention_impls.base import AttentionModule, check_qkv, pad_seq
+from attention_impls.registry import register
+
+__all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
+
+# elements (batch x heads x positions x head_dim) of q handled by one vectorized step, rounded to whole
+# chunks: bounds the temporaries (b=1, h=8, d=64: 2048 positions, causal 1024; measured best on CPU)
+_BLOCK_ELEMENTS = 1 << 20
+_CAUSAL_BLOCK_ELEMENTS = 1 << 19
+
+
+def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x).add_(1.0)  # elu saves its input for backward, so the in-place add is safe
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=-1)  # max-subtracted: bounded in (0, 1] for any magnitude
+
+
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]
+
+FEATURE_MAPS: dict[str, FeatureMap] = {
+    "elu": _elu_plus_one,  # elu(x) + 1, the paper's choice: positive, ~linear for x > 0
+    "relu": _relu,  # max(x, 0): zero features possible, the eps floor keeps the output finite
+    "softmax": _softmax,  # softmax over head_dim (as in Shen et al. 2018 for queries): positive, bounded
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """Hyperparameters of linear attention."""
+
+    feature_map: str = "elu"  # phi: "elu" (elu(x) + 1, the paper's), "relu" or "softmax" (over head_dim)
+    chunk_size: int = 64  # causal path: positions per chunk of the quadratic intra-chunk form
+    eps: float = 1e-6  # floor of the normalizer phi(q)^T z
+
+
+def feature_map(name: str) -> FeatureMap:
+    """The feature map called ``name``; a clear error on unknown names."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {name!r}; choose one of {', '.join(FEATURE_MAPS)}")
+    return FEATURE_MAPS[name]
+
+
+def _config_problem(config: LinearConfig) -> str | None:
+    if config.feature_map not in FEATURE_MAPS:
+        return f"unknown feature_map {config.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}"
+    if config.chunk_size < 1:
+        return f"chunk_size must be >= 1, got {config.chunk_size}"
+    if not config.eps > 0:
+        return f"eps must be > 0, got {config.eps}"
+    return None
+
+
+def _block_positions(shape: torch.Size | tuple[int, ...], *, chunk: int, causal: bool) -> int:
+    """Positions per vectorized step for (batch, heads, seq_len, head_dim) inputs: a whole number of chunks."""
+    batch, heads, _, dim = shape
+    elements = _CAUSAL_BLOCK_ELEMENTS if causal else _BLOCK_ELEMENTS
+    return chunk * max(1, elements // (batch * heads * dim * chunk))
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> None:
+    """out[:, :, start:start + length] = numerator / max(normalizer, eps); ``num`` is (..., length, d_v + 1).
+
+    Its last column is the normalizer. Without autograd the quotient is written straight into ``out``.
+    """
+    dim_v = out.shape[-1]
+    length = min(num.shape[2], out.shape[2] - start)  # drop the padding rows
+    numerator = num[:, :, :length, :dim_v]  # (batch, heads, length, head_dim)
+    denominator = num[:, :, :length, dim_v:].clamp_min(eps)  # (batch, heads, length, 1)
+    if _needs_grad(num):
+        out[:, :, start : start + length] = numerator / denominator  # a differentiable copy
+    else:
+        torch.div(numerator, denominator, out=out[:, :, start : start + length])
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """(v | 1): the extra column carries the normalizer through the same products."""
+    ones = v.new_ones(*v.shape[:-1], 1)  # (batch, heads, length, 1)
+    return torch.cat([v, ones], dim=-1)  # (batch, heads, length, head_dim + 1)
+
+
+def _noncausal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, eps: float
+) -> torch.Tensor:
+    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time."""
+    batch, heads, seq_len, dim = q.shape
+    dim_v = v.shape[-1]
+    kv = q.new_zeros(batch, heads, dim, dim_v)  # (batch, heads, head_dim, head_dim): S = sum_j phi(k_j) v_j^T
+    z = q.new_zeros(batch, heads, dim)  # (batch, heads, head_dim): z = sum_j phi(k_j)
+    for start in range(0, seq_len, block):
+        phi_k = phi(k[:, :, start : start + block])  # (batch, heads, length, head_dim)
+        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v[:, :, start : start + block])  # (batch, heads, d, d)
+        z = z + phi_k.sum(dim=2)  # (batch, heads, head_dim)
+    state = torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, heads, head_dim, head_dim + 1): (S | z)
+    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
+    for start in range(0, seq_len, block):
+        phi_q = phi(q[:, :, start : start + block])  # (batch, heads, length, head_dim)
+        _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, heads, length, head_dim + 1)
+    return out
+
+
+def _causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, chunk: int, block: int, eps: float
+) -> torch.Tensor:
+    """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks."""
+    batch, heads, seq_len, dim = q.shape
+    dim_v = v.shape[-1]
+    # state = sum over the positions before the block of phi(k) (v | 1)^T; its last column is z
+    state = q.new_zeros(batch, heads, dim, dim_v + 1)  # (batch, heads, head_dim, head_dim + 1)
+    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
+    for start in range(0, seq_len, block):
+        stop = min(start + block, seq_len)
+        # padding (only in the last block) goes after every real position: causally invisible,
+        # and phi(k) is padded with zeros, so it adds nothing to any state
+        q_blk = pad_seq(phi(q[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim)
+        k_blk = pad_seq(phi(k[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim)
+        v_blk = pad_seq(_with_ones(v[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim + 1)
+        padded = q_blk.shape[2]
+        n_chunks = padded // chunk
+        q_c = q_blk.view(batch, heads, n_chunks, chunk, dim)  # (batch, heads, n_chunks, chunk, head_dim)
+        k_c = k_blk.view(batch, heads, n_chunks, chunk, dim)  # (batch, heads, n_chunks, chunk, head_dim)
+        v_c = v_blk.view(batch, heads, n_chunks, chunk, dim_v + 1)  # (batch, heads, n_chunks, chunk, head_dim + 1)
+
+        # within a chunk: the quadratic form, key j visible to query i when j <= i
+        scores = torch.matmul(q_c, k_c.transpose(-2, -1)).tril_()  # (batch, heads, n_chunks, chunk, chunk)
+        # across chunks: exclusive prefix sums of the chunk states, starting from the carried state
+        chunk_states = torch.matmul(k_c.transpose(-2, -1), v_c)  # (batch, heads, n_chunks, head_dim, head_dim + 1)
+        prefix = torch.cat([state.unsqueeze(2), chunk_states[:, :, :-1]], dim=2)  # (batch, heads, n_chunks, ...)
+        prefix = prefix.cumsum(dim=2)  # (batch, heads, n_chunks, head_dim, head_dim + 1)
+        state = prefix[:, :, -1] + chunk_states[:, :, -1]  # (batch, heads, head_dim, head_dim + 1)
+
+        num = torch.matmul(q_c, prefix) + torch.matmul(scores, v_c)  # (batch, heads, n_chunks, chunk, head_dim + 1)
+        _store(out, start, num.view(batch, heads, padded, dim_v + 1), eps=eps)
+    return out
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    feature_map_name: str = "elu",
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention on (batch, heads, seq_len, head_dim) tensors; see the module docstring."""
+    assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
+    assert eps > 0, f"eps must be > 0, got {eps}"
+    phi = feature_map(feature_map_name)
+    chunk = min(chunk_size, q.shape[2])
+    block = _block_positions(q.shape, chunk=chunk, causal=causal)
+    if causal:
+        return _causal(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)
+    return _noncausal(q, k, v, phi=phi, block=block, eps=eps)
+
+
+@register("linear")
+class LinearAttention(AttentionModule):
+    """Kernelized linear attention, elu(x) + 1 features by default (approximate, O(n d^2))."""
+
+    Config = LinearConfig
+    family = "linear"
+    paper = "https://arxiv.org/abs/2006.16236"
+    time_complexity = "O(n d^2)"
+    memory_complexity = "O(n d)"
+    exact = False
+    supports_causal = True
+
+    def __init__(self, config: LinearConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
+        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+        problem = _config_problem(config)
+        if problem is not None:
+            raise ValueError(f"linear: {problem}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        check_qkv(q, k, v)
+        return linear_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            feature_map_name=self.config.feature_map,
+            chunk_size=self.config.chunk_size,
+            eps=self.config.eps,
+        )
+
+    @classmethod
+    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
+        return _config_problem(config) or super().unsupported_reason(
+            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
+        )
+
+    @staticmethod
+    def _padded_len(config: LinearConfig, seq_len: int) -> int:
+        chunk = min(config.chunk_size, seq_len)
+        return -(-seq_len // chunk) * chunk
+
+    @classmethod
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
+        # matrix products and reductions only (the feature map's elementwise work is not counted)
+        d = head_dim
+        if not causal:
+            # phi(K)^T V, n d^2 multiply-adds, and z, n d adds; phi(Q) (S | z), n d (d + 1); the division
+            per_head = 2.0 * seq_len * d * d + seq_len * d + 2.0 * seq_len * d * (d + 1) + seq_len * d
+            return batch * heads * per_head
+        chunk = min(config.chunk_size, seq_len)
+        padded = cls._padded_len(config, seq_len)
+        n_chunks = padded // chunk
+        per_head = (
+            2.0 * padded * chunk * d  # phi(Q_c) phi(K_c)^T, the whole chunk x chunk block
+            + 2.0 * padded * chunk * (d + 1)  # masked scores times (V | 1)
+            + 2.0 * padded * d * (d + 1)  # chunk states phi(K_c)^T (V_c | 1)
+            + 2.0 * padded * d * (d + 1)  # phi(Q_c) times the prefix state
+            + 1.0 * n_chunks * d * (d + 1)  # prefix sums of the chunk states
+            + 1.0 * padded * d  # the division by the normalizer
+        )
+        return batch * heads * per_head
+
+    @classmethod
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+        d = head_dim
+        chunk = min(config.chunk_size, seq_len)
+        block = min(
+            _block_positions((batch, heads, seq_len, d), chunk=chunk, causal=causal), cls._padded_len(config, seq_len)
+        )
+        if not causal:
+            # a block's phi(K) or phi(Q), product and quotient; the carried state and its update
+            per_block = 3.0 * block * (d + 1)
+        else:
+            n_chunks = block // chunk
+            per_block = (
+                3.0 * block * (d + 1)  # the block's phi(Q), phi(K), (V | 1)
+                + block * chunk  # masked scores
+                + 3.0 * n_chunks * d * (d + 1)  # chunk states, shifted copy, prefix sums
+                + 3.0 * block * (d + 1)  # the two products and their sum
+            )
+        elements = seq_len * d + per_block + 2.0 * d * (d + 1)  # the output; temporaries; the carried state
+        return batch * heads * elements * itemsize

@@ -1,0 +1,183 @@
+"""Linformer: keys and values projected along the sequence to a fixed length k.
+
+Paper: Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity",
+https://arxiv.org/abs/2006.04768
+
+    out = softmax(Q (E K)^T / sqrt(d)) (F V)
+
+E and F are (k x seq_len) matrices, so the score matrix is (seq_len x k):
+O(n k d) time. The queries are processed a block of rows at a time, so the
+scores never exist whole and the only allocation growing with n is the
+output: memory O(n d) (the paper's O(n k) holds the whole score matrix).
+
+E and F are parameters of the module, built for one ``seq_len`` and shared by
+all heads (the paper's layerwise/headwise sharing is a training matter; here
+one module is one layer). With ``share_kv`` one matrix serves as both E and F
+(the paper's key-value sharing). When seq_len < k the projected length is
+seq_len.
+
+Initialization (untrained; the benchmark measures a freshly built module):
+
+* ``"mean"`` (default): segment-mean pooling. Row r of E averages the
+  positions of the r-th of k contiguous segments of (almost) equal length
+  (position p belongs to segment floor(p k / n)). Each projected key/value is
+  then a local average, so the values' mean survives the projection and the
+  output approximates exact attention at coarser resolution; a zero-mean
+  random E would project the mean away (on inputs with v ~ N(1, 1) the
+  relative error against exact attention exceeds 1). When k >= seq_len it is
+  the identity, so short sequences are exact. Deterministic.
+* ``"random"``: i.i.d. uniform(-1/sqrt(k), 1/sqrt(k)), as in the reference
+  implementation by lucidrains (https://github.com/lucidrains/linformer);
+  a randomly initialized model's starting point, drawn from torch's RNG.
+* ``"identity"``: E = F = I; requires k >= seq_len. Makes the module equal to
+  full attention (a test of the plumbing).
+
+The causal mask is not supported: a projected key mixes positions from the
+whole sequence, so no query can be kept from seeing the future.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from attention_impls.base import AttentionModule, check_qkv
+from attention_impls.registry import register
+
+__all__ = ["INITS", "LinformerAttention", "LinformerConfig", "linformer_attention", "make_projection"]
+
+INITS = ("mean", "random", "identity")
+# score entries (batch x heads x query rows x k) computed at once: bounds the temporaries
+_SCORES_BLOCK = 1 << 21
+
+
+@dataclasses.dataclass(frozen=True)
+class LinformerConfig:
+    """Hyperparameters of Linformer attention."""
+
+    k: int = 256  # projected length of keys and values (min(k, seq_len) is used)
+    share_kv: bool = False  # one projection for keys and values (F = E), else separate E and F
+    init: str = "mean"  # projection init: "mean" (segment pooling), "random" (uniform) or "identity" (k >= seq_len)
+
+
+def _config_problem(config: LinformerConfig, seq_len: int) -> str | None:
+    if config.k < 1:
+        return f"k must be >= 1, got {config.k}"
+    if config.init not in INITS:
+        return f"unknown init {config.init!r}; choose one of {', '.join(INITS)}"
+    if config.init == "identity" and config.k < seq_len:
+        return f"init='identity' needs k >= seq_len, got k={config.k} < seq_len={seq_len}"
+    return None
+
+
+def make_projection(init: str, *, k: int, seq_len: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (k, seq_len) projection along the sequence, initialized as ``init`` (see the module docstring)."""
+    assert 1 <= k <= seq_len, f"projected length must be in [1, seq_len={seq_len}], got {k}"
+    if init == "mean":
+        segment = torch.arange(seq_len) * k // seq_len  # (seq_len,) segment of each position, 0..k-1
+        member = nn.functional.one_hot(segment, k).t().to(torch.float64)  # (k, seq_len)
+        return member / member.sum(dim=1, keepdim=True)  # (k, seq_len) rows average their segment
+    if init == "random":
+        bound = 1.0 / math.sqrt(k)
+        return torch.empty(k, seq_len, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+    if init == "identity":
+        assert k == seq_len, f"identity projection needs k == seq_len, got k={k}, seq_len={seq_len}"
+        return torch.eye(seq_len, dtype=torch.float64)  # (seq_len, seq_len)
+    raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+
+
+def linformer_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_k: torch.Tensor, proj_v: torch.Tensor
+) -> torch.Tensor:
+    """softmax(Q (E K)^T / sqrt(d)) (F V) on (batch, heads, seq_len, head_dim) tensors; E, F are (k, seq_len).
+
+    The queries are taken a block of rows at a time (about ``_SCORES_BLOCK`` score entries), each
+    block's result written straight into the output: the (seq_len x k) scores never exist whole.
+    """
+    assert proj_k.shape[-1] == k.shape[2], f"proj_k is {tuple(proj_k.shape)}, keys have seq_len {k.shape[2]}"
+    assert proj_v.shape[-1] == v.shape[2], f"proj_v is {tuple(proj_v.shape)}, values have seq_len {v.shape[2]}"
+    batch, heads, seq_len, dim = q.shape
+    scale = 1.0 / math.sqrt(dim)
+    # E expanded over (batch, heads) (a stride-0 view): one batched product without copies; a plain 2-D E
+    # makes torch.matmul fold the batch into a transposed copy of K, 3x slower at long lengths
+    proj_k = proj_k.expand(batch, heads, *proj_k.shape)  # (batch, heads, k, seq_len)
+    proj_v = proj_v.expand(batch, heads, *proj_v.shape)  # (batch, heads, k, seq_len)
+    keys_t = torch.matmul(proj_k, k).transpose(-2, -1) * scale  # (batch, heads, head_dim, k), scaled
+    values = torch.matmul(proj_v, v)  # (batch, heads, k, head_dim)
+    rows = max(1, _SCORES_BLOCK // (batch * heads * keys_t.shape[-1]))
+    if rows >= seq_len:
+        probs = torch.softmax(torch.matmul(q, keys_t), dim=-1)  # (batch, heads, seq_len, k)
+        return torch.matmul(probs, values)  # (batch, heads, seq_len, head_dim)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys_t, values))
+    out = q.new_empty(batch, heads, seq_len, values.shape[-1])  # (batch, heads, seq_len, head_dim)
+    for start in range(0, seq_len, rows):
+        probs = torch.softmax(torch.matmul(q[:, :, start : start + rows], keys_t), dim=-1)  # (batch, heads, rows, k)
+        if track:
+            out[:, :, start : start + rows] = torch.matmul(probs, values)  # (batch, heads, rows, head_dim)
+        else:
+            torch.matmul(probs, values, out=out[:, :, start : start + rows])  # (batch, heads, rows, head_dim)
+    return out
+
+
+@register("linformer")
+class LinformerAttention(AttentionModule):
+    """Softmax attention over k sequence-projected keys and values (approximate, O(n k d), no causal mask)."""
+
+    Config = LinformerConfig
+    family = "linformer"
+    paper = "https://arxiv.org/abs/2006.04768"
+    time_complexity = "O(n k d)"
+    memory_complexity = "O(n d)"
+    exact = False
+    supports_causal = False
+
+    def __init__(self, config: LinformerConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
+        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+        assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
+        problem = _config_problem(config, seq_len)
+        if problem is not None:
+            raise ValueError(f"linformer: {problem}")
+        self.k_eff = min(config.k, seq_len)
+        dtype = torch.get_default_dtype()
+        self.proj_k = nn.Parameter(make_projection(config.init, k=self.k_eff, seq_len=seq_len).to(dtype))
+        if config.share_kv:
+            self.proj_v = None
+        else:
+            self.proj_v = nn.Parameter(make_projection(config.init, k=self.k_eff, seq_len=seq_len).to(dtype))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        self.reject_causal(causal)
+        check_qkv(q, k, v)
+        if q.shape[2] != self.seq_len:
+            raise ValueError(
+                f"linformer module was built for seq_len={self.seq_len} but got seq_len={q.shape[2]}: "
+                f"its projections are ({self.k_eff}, {self.seq_len}); build a module for this length"
+            )
+        proj_k = self.proj_k.to(dtype=q.dtype, device=q.device)  # no copy when they already match
+        proj_v = proj_k if self.proj_v is None else self.proj_v.to(dtype=q.dtype, device=q.device)
+        return linformer_attention(q, k, v, proj_k=proj_k, proj_v=proj_v)
+
+    @classmethod
+    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
+        return super().unsupported_reason(
+            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
+        ) or _config_problem(config, seq_len)
+
+    @classmethod
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
+        k_eff = min(config.k, seq_len)
+        # E K and F V, then Q K'^T and P V': each k n d multiply-adds; the softmax's exp/sum/divide ~ 3 n k
+        per_head = 8.0 * k_eff * seq_len * head_dim + 3.0 * seq_len * k_eff
+        return batch * heads * per_head
+
+    @classmethod
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+        k_eff = min(config.k, seq_len)
+        rows = min(seq_len, max(1, _SCORES_BLOCK // (batch * heads * k_eff)))
+        # projected keys (and their scaled copy) and values; a block's scores and probabilities; the output
+        elements = 3.0 * k_eff * head_dim + 2.0 * rows * k_eff + seq_len * head_dim
+        # plus E and F cast to the input's dtype when the module's differs
+        return batch * heads * elements * itemsize + 2.0 * k_eff * seq_len * itemsize
