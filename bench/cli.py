@@ -221,6 +221,159 @@ def _add_run_parser(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+# ---------------------------------------------------------------- report, compare, export
+
+
+def _results_paths(items: Sequence[str]) -> list[Path]:
+    """The results files named: a file as given, a directory as its ``*.jsonl`` files (sorted)."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise UsageError(f"no .jsonl results files in directory {path}")
+            paths.extend(found)
+        elif not path.exists():
+            raise UsageError(f"results file {path} does not exist")
+        else:
+            paths.append(path)
+    return paths
+
+
+def _check_writable_dir(path: Path) -> None:
+    """The output folder (or the nearest existing folder above it) must be a writable directory."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {path} exists and is not a directory")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        raise UsageError(f"cannot write {path}: {ancestor} is not a writable directory")
+
+
+def _positive_gb(value: float, *, name: str) -> float:
+    if not value > 0:
+        raise UsageError(f"{name} must be positive, got {value}")
+    return value * 2**30
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import ReportOptions, write_report
+    from bench.results import ResultsError
+
+    paths = _results_paths(args.results)
+    if args.fit_min_seq_len < 1:
+        raise UsageError(f"--fit-min-seq-len must be at least 1, got {args.fit_min_seq_len}")
+    if args.fit_max_seq_len is not None and args.fit_max_seq_len < args.fit_min_seq_len:
+        raise UsageError("--fit-max-seq-len must not be below --fit-min-seq-len")
+    if not 0 < args.confidence < 1:
+        raise UsageError(f"--confidence must be between 0 and 1, got {args.confidence}")
+    baselines = tuple(name.strip() for name in args.baselines.split(",") if name.strip())
+    options = ReportOptions(
+        min_fit_seq_len=args.fit_min_seq_len,
+        max_fit_seq_len=args.fit_max_seq_len,
+        confidence=args.confidence,
+        budget_bytes=_positive_gb(args.budget_gb, name="--budget-gb"),
+        baselines=baselines,
+        figures=not args.no_figures,
+    )
+    out = Path(args.out)
+    _check_writable_dir(out)
+    try:
+        files = write_report(paths, out_dir=out, options=options)
+    except ResultsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    for problem in files.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"report: {files.readme} ({len(files.tables)} tables, {len(files.figures) // 2} figures)")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="write a markdown report with tables and figures from results files")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results files (.jsonl) or folders of them")
+    p.add_argument("--out", default="reports", help="output folder (README.md, tables/, figures/)")
+    p.add_argument(
+        "--fit-min-seq-len", type=int, default=1024, help="shortest length entering the exponent fits (default 1024)"
+    )
+    p.add_argument("--fit-max-seq-len", type=int, help="longest length entering the exponent fits (default: all)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the exponent intervals")
+    p.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for 'longest length that fits'")
+    p.add_argument(
+        "--baselines", default="full,sdpa", help="implementations to compute speedups and crossovers against"
+    )
+    p.add_argument("--no-figures", action="store_true", help="tables and markdown only")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import CompareError, compare_files, format_comparison
+    from bench.results import ResultsError
+
+    base, new = _results_paths([args.base]), _results_paths([args.new])
+    if not 0 < args.alpha < 1:
+        raise UsageError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.fail_above is not None and not args.fail_above > 0:
+        raise UsageError(f"--fail-above must be a positive ratio, got {args.fail_above}")
+    if args.csv:
+        _check_writable(Path(args.csv))
+    try:
+        comparison = compare_files(base, new, alpha=args.alpha, any_env=args.any_env)
+    except (ResultsError, CompareError) as exc:
+        raise UsageError(str(exc)) from None
+    print(format_comparison(comparison, fail_above=args.fail_above))
+    if args.csv:
+        comparison.rows.to_csv(args.csv, index=False, float_format="%.6g", lineterminator="\n")
+        print(f"table: {args.csv}")
+    if args.fail_above is not None and len(comparison.regressions(fail_above=args.fail_above)):
+        return 1
+    return 0
+
+
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="compare two runs case by case, with a significance test")
+    p.add_argument("base", metavar="BASE", help="results file (or folder) of the reference run")
+    p.add_argument("new", metavar="NEW", help="results file (or folder) of the run to judge")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the Mann-Whitney U test")
+    p.add_argument(
+        "--fail-above",
+        type=float,
+        metavar="RATIO",
+        help="exit 1 if a case is significantly slower than RATIO x base (e.g. 1.10)",
+    )
+    p.add_argument("--any-env", action="store_true", help="match cases across environments that are not comparable")
+    p.add_argument("--csv", help="also write the per-case table to this CSV file")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bench.analysis import load_results
+    from bench.export import ExportError, write_export
+    from bench.results import ResultsError
+
+    paths = _results_paths(args.results)
+    out = Path(args.out)
+    _check_writable(out)
+    try:
+        written = write_export(load_results(paths), out=out, fmt=args.format, env_id=args.env)
+    except (ResultsError, ExportError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"exported: {written}")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export results to another tool's format (pytest-benchmark JSON)")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results files (.jsonl) or folders of them")
+    p.add_argument("--format", default="pytest-benchmark", choices=("pytest-benchmark",), help="output format")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--env", help="environment id to export when the results mix environments (see the report)")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench", description="Benchmark how attention implementations scale with sequence length."
@@ -232,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=_cmd_list)
     _add_run_parser(sub)
+    _add_report_parser(sub)
+    _add_compare_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 

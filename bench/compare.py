@@ -1,0 +1,294 @@
+"""Two runs side by side: ``attnbench compare BASE NEW [--fail-above 1.10]`` (never imports torch).
+
+Cases are matched by their key (every field of the case) within comparable environments (the same
+:func:`bench.results.env_identity`); ``any_env`` matches across environments. For each matched case:
+the ratio of medians (new / base), a two-sided Mann–Whitney U test on the raw timing samples, and the
+ratio of peak memory. A summary gives geometric means. A *significant regression* is a case whose new
+median is above ``fail_above`` times the base median with a p-value below ``alpha``.
+
+The Mann–Whitney test is implemented here (normal approximation with tie and continuity corrections,
+as ``scipy.stats.mannwhitneyu(method="asymptotic")``): scipy is not a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from bench.analysis import CURVE_COLUMNS, Results, curve_label, load_results
+
+DEFAULT_ALPHA = 0.05
+_CASE_COLUMNS = (*(c for c in CURVE_COLUMNS if c != "env_id"), "seq_len")
+
+
+class CompareError(ValueError):
+    """Nothing to compare (one line for the user)."""
+
+
+# ---------------------------------------------------------------- Mann–Whitney U
+
+
+@dataclasses.dataclass(frozen=True)
+class MannWhitney:
+    """The U statistic of the first sample and the two-sided p-value."""
+
+    u: float
+    p_value: float
+
+
+def _ranks(values: Sequence[float]) -> tuple[list[float], list[int]]:
+    """Mid-ranks (1-based; ties share their average rank) and the size of each group of ties."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    ties = []
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
+            stop += 1
+        for position in range(start, stop + 1):
+            ranks[order[position]] = (start + stop) / 2.0 + 1.0
+        ties.append(stop - start + 1)
+        start = stop + 1
+    return ranks, ties
+
+
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> MannWhitney:
+    """Two-sided Mann–Whitney U test, normal approximation with tie and continuity corrections."""
+    n1, n2 = len(x), len(y)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("both samples must be non-empty")
+    ranks, ties = _ranks([*x, *y])
+    u1 = sum(ranks[:n1]) - n1 * (n1 + 1) / 2.0
+    u2 = n1 * n2 - u1
+    u = max(u1, u2)
+    n = n1 + n2
+    tie_term = sum(t**3 - t for t in ties)
+    variance = n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        return MannWhitney(u=u1, p_value=1.0)
+    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(variance)
+    return MannWhitney(u=u1, p_value=min(1.0, max(0.0, 2.0 * normal_sf(z))))
+
+
+# ---------------------------------------------------------------- matching
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Matched cases and what did not match."""
+
+    rows: pd.DataFrame  # one per matched case
+    only_base: pd.DataFrame  # cases of BASE with no match in NEW
+    only_new: pd.DataFrame
+    alpha: float
+    any_env: bool
+
+    @property
+    def both_ok(self) -> pd.DataFrame:
+        return self.rows[(self.rows["base_status"] == "ok") & (self.rows["new_status"] == "ok")]
+
+    def geomean_time_ratio(self) -> float:
+        return geometric_mean(self.both_ok["time_ratio"])
+
+    def geomean_memory_ratio(self) -> float:
+        return geometric_mean(self.both_ok["memory_ratio"])
+
+    def regressions(self, *, fail_above: float) -> pd.DataFrame:
+        """Cases significantly slower by more than ``fail_above`` (new median / base median)."""
+        ok = self.both_ok
+        return ok[ok["significant"] & (ok["time_ratio"] > fail_above)]
+
+    def status_changes(self) -> pd.DataFrame:
+        return self.rows[self.rows["base_status"] != self.rows["new_status"]]
+
+
+def geometric_mean(ratios: pd.Series) -> float:
+    """exp(mean(log r)) over the finite positive ratios (NaN when there are none)."""
+    valid = [r for r in ratios if isinstance(r, float | int) and math.isfinite(r) and r > 0]
+    if not valid:
+        return math.nan
+    return math.exp(sum(math.log(r) for r in valid) / len(valid))
+
+
+def _match_key(frame: pd.DataFrame, *, any_env: bool) -> pd.Series:
+    return frame["case_key"] if any_env else frame["env_id"] + "|" + frame["case_key"]
+
+
+def _verdict(row: dict) -> str:
+    if row["base_status"] != "ok" or row["new_status"] != "ok":
+        return f"{row['base_status']} → {row['new_status']}"
+    if not row["significant"]:
+        return "no significant change"
+    return "slower" if row["time_ratio"] > 1 else "faster"
+
+
+def _compare_row(base: dict, new: dict, *, alpha: float) -> dict:
+    row = {c: new[c] for c in _CASE_COLUMNS}
+    row["label"] = curve_label(new["impl"], new["params"])
+    row["base_env_id"], row["new_env_id"] = base["env_id"], new["env_id"]
+    row["base_status"], row["new_status"] = base["status"], new["status"]
+    row["base_median_s"], row["new_median_s"] = base["median_s"], new["median_s"]
+    row["time_ratio"] = new["median_s"] / base["median_s"] if base["status"] == new["status"] == "ok" else math.nan
+    row["base_n_samples"], row["new_n_samples"] = len(base["samples"]), len(new["samples"])
+    if base["samples"] and new["samples"] and base["status"] == new["status"] == "ok":
+        test = mann_whitney_u(base["samples"], new["samples"])
+        row["u_statistic"], row["p_value"] = test.u, test.p_value
+    else:
+        row["u_statistic"], row["p_value"] = math.nan, math.nan
+    row["significant"] = bool(row["p_value"] < alpha)  # NaN compares False: no samples, no significance
+    row["base_peak_bytes"], row["new_peak_bytes"] = base["peak_bytes"], new["peak_bytes"]
+    positive = base["peak_bytes"] > 0 and new["peak_bytes"] > 0
+    row["memory_ratio"] = new["peak_bytes"] / base["peak_bytes"] if positive else math.nan
+    row["verdict"] = _verdict(row)
+    return row
+
+
+def compare_results(base: Results, new: Results, *, alpha: float = DEFAULT_ALPHA, any_env: bool = False) -> Comparison:
+    """Match the cases of ``new`` to those of ``base`` and compare each pair."""
+    base_frame = base.frame.assign(match=_match_key(base.frame, any_env=any_env))
+    new_frame = new.frame.assign(match=_match_key(new.frame, any_env=any_env))
+    if any_env:  # one record per case key: the last one (environments sorted by id)
+        base_frame = base_frame.drop_duplicates("match", keep="last")
+        new_frame = new_frame.drop_duplicates("match", keep="last")
+    base_by_key = {row["match"]: row for row in base_frame.to_dict("records")}
+    rows = [
+        _compare_row(base_by_key[row["match"]], row, alpha=alpha)
+        for row in new_frame.to_dict("records")
+        if row["match"] in base_by_key
+    ]
+    columns = [*_CASE_COLUMNS, "label", "status", "median_s", "env_id"]
+    only_base = base_frame[~base_frame["match"].isin(new_frame["match"])][columns]
+    only_new = new_frame[~new_frame["match"].isin(base_frame["match"])][columns]
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values([*_CASE_COLUMNS, "new_env_id"], kind="stable").reset_index(drop=True)
+    return Comparison(
+        rows=table,
+        only_base=only_base.reset_index(drop=True),
+        only_new=only_new.reset_index(drop=True),
+        alpha=alpha,
+        any_env=any_env,
+    )
+
+
+def compare_files(
+    base_paths: Sequence[str | Path],
+    new_paths: Sequence[str | Path],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    any_env: bool = False,
+) -> Comparison:
+    """Load both sides and compare them; raises ``ResultsError`` for bad files, ``CompareError`` if nothing matches."""
+    comparison = compare_results(load_results(base_paths), load_results(new_paths), alpha=alpha, any_env=any_env)
+    if comparison.rows.empty:
+        hint = "" if any_env else " in a comparable environment (--any-env matches across environments)"
+        raise CompareError(f"no case of NEW matches a case of BASE{hint}")
+    return comparison
+
+
+# ---------------------------------------------------------------- text
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.3f}×" if math.isfinite(value) else "–"
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1e3:.4g}" if isinstance(value, float) and math.isfinite(value) else "–"
+
+
+def _describe(row: dict, *, varying: Sequence[str]) -> str:
+    """``label mode [layers residual x depth] [the setup fields that vary]``."""
+    parts = [row["label"], row["mode"]]
+    if row["scope"] == "layers":
+        parts.append(f"layers {row['residual']} depth={row['depth']}")
+    parts += [f"{column}={row[column]}" for column in varying]
+    return " ".join(str(part) for part in parts)
+
+
+def _varying(*frames: pd.DataFrame) -> list[str]:
+    columns = ("device", "dtype", "causal", "batch", "heads", "head_dim")
+    frames = tuple(frame for frame in frames if len(frame))
+    if not frames:
+        return []
+    combined = pd.concat([frame[list(columns)] for frame in frames])
+    return [column for column in columns if combined[column].nunique() > 1]
+
+
+def format_comparison(comparison: Comparison, *, fail_above: float | None = None) -> str:
+    """A plain-text summary and per-case table (what ``attnbench compare`` prints)."""
+    rows = comparison.rows
+    lines = [
+        f"matched cases: {len(rows)} (both ok: {len(comparison.both_ok)}); "
+        f"only in BASE: {len(comparison.only_base)}; only in NEW: {len(comparison.only_new)}",
+        f"geometric mean new/base: time {_ratio(comparison.geomean_time_ratio())}, "
+        f"peak memory {_ratio(comparison.geomean_memory_ratio())}",
+    ]
+    if comparison.any_env:
+        lines.append("warning: --any-env: cases were matched across environments that may not be comparable")
+    varying = [
+        c
+        for c in ("scope", "device", "dtype", "causal", "batch", "heads", "head_dim", "depth", "residual")
+        if rows[c].nunique() > 1
+    ]
+    for (label, mode, scope), group in comparison.both_ok.groupby(["label", "mode", "scope"], sort=True):
+        lines.append(
+            f"  {label} {mode} {scope}: time {_ratio(geometric_mean(group['time_ratio']))}, "
+            f"memory {_ratio(geometric_mean(group['memory_ratio']))} over {len(group)} lengths"
+        )
+    header = ("case", "n", "base ms", "new ms", "time", "p", "memory", "verdict")
+    table = [header]
+    for row in rows.to_dict("records"):
+        case = _describe(row, varying=varying)
+        p_value = f"{row['p_value']:.3g}" if math.isfinite(row["p_value"]) else "–"
+        table.append(
+            (
+                case,
+                str(row["seq_len"]),
+                _ms(row["base_median_s"]),
+                _ms(row["new_median_s"]),
+                _ratio(row["time_ratio"]),
+                p_value,
+                _ratio(row["memory_ratio"]),
+                row["verdict"],
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines.append("")
+    for line in table:
+        cells = [
+            cell.ljust(w) if i in (0, 7) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    for title, frame in (("only in BASE", comparison.only_base), ("only in NEW", comparison.only_new)):
+        if len(frame):
+            lines += ["", f"{title}:"]
+            lines += [
+                f"  {_describe(r, varying=varying)} n={r['seq_len']} ({r['status']})" for r in frame.to_dict("records")
+            ]
+    if fail_above is not None:
+        regressions = comparison.regressions(fail_above=fail_above)
+        lines.append("")
+        if len(regressions):
+            lines.append(
+                f"REGRESSION: {len(regressions)} cases significantly slower than {fail_above:g}× base "
+                f"(p < {comparison.alpha:g}):"
+            )
+            lines += [
+                f"  {_describe(r, varying=varying)} n={r['seq_len']}: {_ratio(r['time_ratio'])} (p={r['p_value']:.3g})"
+                for r in regressions.to_dict("records")
+            ]
+        else:
+            lines.append(f"no case is significantly slower than {fail_above:g}× base (p < {comparison.alpha:g})")
+    return "\n".join(lines)
