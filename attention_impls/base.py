@@ -78,6 +78,8 @@ class AttentionModule(nn.Module):
     supports_causal: ClassVar[bool] = True
     # shared query-key attention (Reformer): the exact reference ties k to q
     shared_qk: ClassVar[bool] = False
+    # residual kind used in the layer-stack scope when none is asked for ("standard" or "reversible")
+    default_residual: ClassVar[str] = "standard"
 
     def __init__(self, config: Any, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__()

@@ -113,7 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         devices = grid.parse_devices(args.devices or _default_device())
         dtypes = grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype")
         modes = grid.parse_list(args.modes, allowed=grid.MODES, what="mode")
-        residuals = grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual")
+        residuals = grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual") if args.residual else None
         depths = [grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip()]
         overrides = grid.parse_param_overrides(args.param)
         for name, value in (("--batch", args.batch), ("--heads", args.heads), ("--head-dim", args.head_dim)):
@@ -133,20 +133,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--param names {impl!r}, which is not among the implementations to run")
             impl_params[impl] = spec.with_params(**params).params()
         impls = {name: impl_params.get(name, {}) for name in names}
-        cases = grid.expand_grid(
-            impls=impls,
-            seq_lens=seq_lens,
-            devices=devices,
-            dtypes=dtypes,
-            modes=modes,
-            batch=args.batch,
-            heads=args.heads,
-            head_dim=args.head_dim,
-            causal=args.causal,
-            scope=args.scope,
-            depths=depths,
-            residuals=residuals,
-        )
+        cases = []
+        for name, params in impls.items():
+            # without --residual each implementation gets its own default (the Reformer: reversible)
+            impl_residuals = residuals or [registry.get(name).module_cls.default_residual]
+            cases += grid.expand_grid(
+                impls={name: params},
+                seq_lens=seq_lens,
+                devices=devices,
+                dtypes=dtypes,
+                modes=modes,
+                batch=args.batch,
+                heads=args.heads,
+                head_dim=args.head_dim,
+                causal=args.causal,
+                scope=args.scope,
+                depths=depths,
+                residuals=impl_residuals,
+            )
     except (grid.GridError, registry.RegistryError) as exc:
         raise UsageError(str(exc)) from None
     out = Path(args.out)
@@ -203,7 +207,7 @@ def _add_run_parser(sub) -> None:
         "--scope", choices=("attention", "layers"), default="attention", help="the kernel alone, or a layer stack"
     )
     p.add_argument("--depths", default="1", help="layer-stack depths, comma-separated (--scope layers)")
-    p.add_argument("--residual", default="standard", help="standard and/or reversible (--scope layers)")
+    p.add_argument("--residual", help="standard and/or reversible (--scope layers; default: the implementation's own)")
     p.add_argument("--budget-gb", type=float, help="skip cases estimated above this (default: 60%% of free memory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per case before its worker is killed")
     p.add_argument("--min-time", type=float, default=0.5, help="minimum timed seconds per case")

@@ -177,15 +177,22 @@ def estimate_bytes(case: Case) -> float:
         causal=case.causal,
     )
     tokens = case.batch * case.seq_len * case.d_model * case.itemsize
-    inputs = 3 * tokens
     if case.scope == "layers":
-        # per layer: attention plus about 12 activations of (batch, seq_len, d_model) (projections, FFN at 4x)
-        per_layer = attention + 12 * tokens
-        params = case.depth * 12 * case.d_model * case.d_model * case.itemsize
-        if case.mode == "fwd":
-            return per_layer + params + tokens
-        stored_layers = 1 if case.residual == "reversible" else case.depth
-        return BACKWARD_MEMORY_FACTOR * per_layer * stored_layers + 2 * params + tokens
+        from attention_impls.reversible import stack_memory_bytes
+
+        return stack_memory_bytes(
+            spec,
+            batch=case.batch,
+            seq_len=case.seq_len,
+            d_model=case.d_model,
+            heads=case.heads,
+            depth=case.depth,
+            itemsize=case.itemsize,
+            causal=case.causal,
+            residual=case.residual,
+            mode=case.mode,
+        )
+    inputs = 3 * tokens
     factor = BACKWARD_MEMORY_FACTOR if case.mode == "fwd+bwd" else 1.0
     return factor * attention + inputs * (2 if case.mode == "fwd+bwd" else 1)
 

@@ -236,7 +236,7 @@ def _layer_stack(spec, case: Case, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def layer_stack_flops(spec, case: Case) -> float:
-    """Forward FLOPs of the layer stack: projections and feed-forward plus the attention itself."""
+    """FLOPs of one call of the layer stack (projections, feed-forward and attention; backward included)."""
     from attention_impls.reversible import stack_flops
 
     return float(
@@ -248,6 +248,8 @@ def layer_stack_flops(spec, case: Case) -> float:
             d_model=case.d_model,
             heads=case.heads,
             causal=case.causal,
+            residual=case.residual,
+            mode=case.mode,
         )
     )
 
@@ -308,6 +310,8 @@ def prepare(case: Case, *, seed: int) -> tuple[Callable[[], object], float, Call
         out = forward()
         out.float().sum().backward()
 
+    if case.scope == "layers":
+        return fn, flops, errors  # stack_flops counts the backward (and the reversible recomputation)
     # backward of attention costs about twice its forward (two matmuls per forward matmul)
     return fn, 3.0 * flops, errors
 
