@@ -70,6 +70,17 @@ def report(session: nox.Session) -> None:
     session.run("attnbench", "report", *(session.posargs or files), "--out", REPORTS)
 
 
+PEERS = ["local-attention", "linformer", "reformer-pytorch", "linear-attention-transformer"]
+
+
+@nox.session
+def peers(session: nox.Session) -> None:
+    """Time our local, linformer, reformer and linear beside their public PyPI peers; writes reports/peers.md."""
+    _install_project(session)
+    session.install(*CONSTRAINTS, *PEERS)  # torch stays pinned: the peers' unpinned torch pulls nothing
+    session.run("python", "-m", "bench.peers", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and common bugs with ruff."""

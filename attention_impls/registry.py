@@ -58,6 +58,9 @@ BUILTIN_MODULES = (
     "attention_impls.sdpa",
     "attention_impls.linear",
     "attention_impls.linformer",
+    "attention_impls.sparse",
+    "attention_impls.local",
+    "attention_impls.reformer",
 )
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -1,0 +1,244 @@
+"""Sliding-window (local) attention: each query sees the keys within ``window`` positions.
+
+Paper: Beltagy, Peters and Cohan 2020, "Longformer: The Long-Document Transformer" (sliding window attention),
+https://arxiv.org/abs/2004.05150 ; also the 1D local attention of Parmar et al. 2018, "Image Transformer",
+https://arxiv.org/abs/1802.05751
+
+Query ``i`` attends to key ``j`` when ``|i - j| <= window`` (and ``j <= i`` when causal):
+
+    out_i = softmax_j(q_i k_j^T / sqrt(d) over the band) v
+
+Computed blockwise in O(n w d) time and O(n w) memory at most: the sequence is cut into query blocks of
+``block_size`` positions; block ``b`` attends to the ``block_size + 2 window`` keys starting at
+``b * block_size - window`` (``block_size + window`` when causal). Those key windows are overlapping
+strided *views* of the keys and values (``unfold``): nothing is gathered or copied. The exact band mask is
+the same (block_size x span) pattern for every block; only the few blocks whose window overhangs an end
+of the sequence get a mask of their own, and a short zero-padded copy of the keys there. With ``kernel="sdpa"`` each block batch goes through PyTorch's
+fused ``scaled_dot_product_attention`` (tiled, no score matrix stored); ``kernel="matmul"`` writes the
+scores out and applies the masked softmax explicitly (the plain reference path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attention_impls.base import AttentionModule, check_qkv, masked_softmax
+from attention_impls.registry import register
+
+KERNELS = ("sdpa", "matmul")
+# Output elements per batched call of interior blocks. Chunks keep each call's keys, values and output in
+# cache and in reused heap memory (a fresh allocation of tens of MB costs page faults comparable to the
+# work), and are still large enough to batch well.
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig:
+    """Hyperparameters of sliding-window attention."""
+
+    # keys within this many positions on each side are attended: |i - j| <= window (only j <= i when causal);
+    # each query sees 2 * window + 1 keys (window + 1 when causal)
+    window: int = 128
+    # query positions per block; None picks window / 2 clamped to [16, 256] (each query block computes
+    # block_size + 2 * window keys, so smaller blocks waste less on the band's corners but batch less work)
+    block_size: int | None = None
+    # "sdpa": fused torch scaled_dot_product_attention per block batch; "matmul": explicit scores + masked softmax
+    kernel: str = "sdpa"
+
+
+def auto_block_size(window: int) -> int:
+    """The block size used when ``block_size`` is None: window / 2, clamped to [16, 256]."""
+    return max(16, min(256, (window + 1) // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """How a sequence is cut into query blocks and key windows."""
+
+    seq_len: int  # n, the true length
+    window: int  # effective window (clamped to n - 1)
+    block: int  # query block length
+    n_blocks: int  # ceil(n / block)
+    ahead: int  # keys after the query block in its window: window, or 0 when causal
+    span: int  # keys per query block: block + window + ahead
+    interior: tuple[int, int]  # [first, end) of the blocks whose queries and key windows lie inside [0, n)
+    causal: bool
+
+
+def _geometry(config: LocalConfig, *, seq_len: int, causal: bool) -> _Geometry:
+    window = min(config.window, seq_len - 1)
+    block = min(config.block_size or auto_block_size(config.window), seq_len)
+    n_blocks = math.ceil(seq_len / block)
+    ahead = 0 if causal else window
+    first = min(n_blocks, math.ceil(window / block))  # blocks before it reach back before position 0
+    end = max(0, (seq_len - block - ahead) // block + 1)  # blocks from it on reach past position n - 1
+    return _Geometry(
+        seq_len=seq_len,
+        window=window,
+        block=block,
+        n_blocks=n_blocks,
+        ahead=ahead,
+        span=block + window + ahead,
+        interior=(first, max(first, end)),
+        causal=causal,
+    )
+
+
+def _band_keep(geo: _Geometry, blocks: torch.Tensor | None) -> torch.Tensor:
+    """Which keys of a block's window each of its queries attends to.
+
+    ``blocks`` None: the pattern shared by interior blocks, (block, span). Otherwise the query block
+    indices of edge blocks: (len(blocks), 1, block, span), where keys outside [0, n) are dropped for
+    valid queries (padded queries keep them: their rows are discarded, and never empty).
+    """
+    rows = torch.arange(geo.block).unsqueeze(1)  # (block, 1)
+    cols = torch.arange(geo.span).unsqueeze(0)  # (1, span)
+    delta = cols - geo.window - rows  # key position - query position, (block, span)
+    keep = (delta >= -geo.window) & (delta <= (0 if geo.causal else geo.window))  # (block, span)
+    if blocks is None:
+        return keep
+    start = blocks.view(-1, 1, 1) * geo.block  # (n_edge, 1, 1)
+    query_pos = start + rows  # (n_edge, block, 1)
+    key_pos = start - geo.window + cols  # (n_edge, 1, span)
+    inside = (key_pos >= 0) & (key_pos < geo.seq_len)  # (n_edge, 1, span)
+    keep = keep & (inside | (query_pos >= geo.seq_len))  # (n_edge, block, span)
+    return keep.unsqueeze(1)  # (n_edge, 1, block, span)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *, kernel: str) -> torch.Tensor:
+    """Softmax attention of each block batch; q (..., block, d), k/v (..., span, d), keep broadcastable."""
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (..., block, d)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., block, span)
+    return torch.matmul(masked_softmax(scores, keep), v)  # (..., block, d)
+
+
+def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
+    """Query blocks [start, stop): (stop - start, batch * heads, block, head_dim); a view unless padded."""
+    batch, heads, seq_len, head_dim = q.shape
+    rows = q[:, :, start * geo.block : min(seq_len, stop * geo.block)]  # (batch, heads, <= blocks*block, d)
+    rows = F.pad(rows, (0, 0, 0, max(0, stop * geo.block - seq_len)))  # (batch, heads, blocks*block, d)
+    rows = rows.reshape(batch * heads, stop - start, geo.block, head_dim)  # (batch*heads, blocks, block, d)
+    return rows.transpose(0, 1)  # (blocks, batch*heads, block, head_dim)
+
+
+def _key_windows(x: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
+    """Key (or value) windows of blocks [start, stop): (stop - start, batch * heads, span, head_dim).
+
+    Overlapping strided views of ``x`` (``unfold``): nothing is copied, except the short padded stretch
+    an edge block's window needs beyond either end of the sequence.
+    """
+    batch, heads, seq_len, head_dim = x.shape
+    lo = start * geo.block - geo.window  # position of the first key of the first window
+    hi = stop * geo.block + geo.ahead  # one past the last key of the last window
+    stretch = x[:, :, max(0, lo) : min(seq_len, hi)]  # (batch, heads, <= hi - lo, head_dim)
+    if lo < 0 or hi > seq_len:
+        stretch = F.pad(stretch, (0, 0, max(0, -lo), max(0, hi - seq_len)))  # (batch, heads, hi - lo, head_dim)
+    windows = stretch.unfold(2, geo.span, geo.block)  # (batch, heads, blocks, head_dim, span), a view
+    windows = windows.permute(2, 0, 1, 4, 3)  # (blocks, batch, heads, span, head_dim)
+    return windows.reshape(stop - start, batch * heads, geo.span, head_dim)  # (blocks, batch*heads, span, d)
+
+
+@register("local")
+class LocalAttention(AttentionModule):
+    """Sliding-window attention, exact for its band mask, computed blockwise in O(n w d)."""
+
+    Config = LocalConfig
+    family = "local"
+    paper = "https://arxiv.org/abs/2004.05150"
+    time_complexity = "O(n w d)"
+    memory_complexity = "O(n w)"
+    exact = False  # an approximation of full attention (exact for its own band mask)
+    supports_causal = True
+
+    def __init__(self, config: LocalConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
+        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+        assert config.window >= 0, f"window must be >= 0, got {config.window}"
+        assert config.block_size is None or config.block_size >= 1, f"block_size must be >= 1, got {config.block_size}"
+        assert config.kernel in KERNELS, f"kernel must be one of {KERNELS}, got {config.kernel!r}"
+        # (seq_len, causal, device) -> (geometry, interior keep (block, span), edge keep (n_edge, 1, block, span))
+        self._masks: dict[tuple[int, bool, torch.device], tuple[_Geometry, torch.Tensor, torch.Tensor]] = {}
+
+    def _cached_masks(self, seq_len: int, causal: bool, device: torch.device):
+        key = (seq_len, causal, device)
+        if key not in self._masks:
+            geo = _geometry(self.config, seq_len=seq_len, causal=causal)
+            first, end = geo.interior
+            edges = [b for b in range(geo.n_blocks) if not first <= b < end]
+            edge_keep = _band_keep(geo, torch.tensor(edges, dtype=torch.long))
+            self._masks[key] = (geo, _band_keep(geo, None).to(device), edge_keep.to(device))
+        return self._masks[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        check_qkv(q, k, v)
+        batch, heads, seq_len, head_dim = q.shape
+        geo, interior_keep, edge_keep = self._cached_masks(seq_len, causal, q.device)
+        kernel = self.config.kernel
+        rows = batch * heads
+        first, end = geo.interior
+        if first < end:
+            # edge blocks [0, first) and [end, n_blocks) have masks of their own; the interior goes in chunks
+            step = max(1, CHUNK_ELEMENTS // (rows * geo.block * head_dim))
+            ranges = [(0, first, edge_keep[:first])]
+            ranges += [(start, min(start + step, end), interior_keep) for start in range(first, end, step)]
+            ranges.append((end, geo.n_blocks, edge_keep[first:]))
+        else:  # a short sequence: every block overhangs an end
+            ranges = [(0, geo.n_blocks, edge_keep)]
+        # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
+        # gradient once per slice in backward); without it, each part is written straight into the output
+        collect = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out = None if collect else q.new_empty(rows, geo.n_blocks, geo.block, head_dim)  # (b*h, nb, block, d)
+        parts = []
+        for start, stop, keep in ranges:
+            if start < stop:
+                q_blocks = _query_blocks(q, geo, start, stop)  # (blocks, batch*heads, block, head_dim)
+                k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
+                v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
+                part = _attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*h, block, d)
+                if out is None:
+                    parts.append(part)
+                else:
+                    out.transpose(0, 1)[start:stop] = part
+        if out is None:
+            out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (n_blocks, batch*heads, block, d)
+            out = out.transpose(0, 1)  # (batch*heads, n_blocks, block, head_dim)
+        out = out.reshape(batch, heads, geo.n_blocks * geo.block, head_dim)  # (batch, heads, padded_len, head_dim)
+        return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
+
+    @classmethod
+    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
+        reason = super().unsupported_reason(
+            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
+        )
+        if reason is None and config.kernel not in KERNELS:
+            return f"local: kernel must be one of {KERNELS}, got {config.kernel!r}"
+        if reason is None and config.window < 0:
+            return f"local: window must be >= 0, got {config.window}"
+        return reason
+
+    @classmethod
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
+        # Q K^T and P V over every block's whole key window (band corners, padding and edges included)
+        geo = _geometry(config, seq_len=seq_len, causal=causal)
+        return 4.0 * batch * heads * geo.n_blocks * geo.block * geo.span * head_dim
+
+    @classmethod
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+        geo = _geometry(config, seq_len=seq_len, causal=causal)
+        rows = batch * heads
+        padded = geo.n_blocks * geo.block
+        # the block outputs and the output they are copied into (the windows are views; edges copy a little)
+        total = rows * (2 * padded + 6 * (geo.span + geo.window + geo.block)) * head_dim * itemsize
+        total += (geo.block * geo.span) * (1 + geo.n_blocks - (geo.interior[1] - geo.interior[0]))  # bool masks
+        scores = rows * padded * geo.span * itemsize
+        if config.kernel == "matmul":
+            # scores, exponentials, probabilities; matmul copies the strided key and value windows
+            total += 3 * scores + 2 * rows * geo.n_blocks * geo.span * head_dim * itemsize
+        else:
+            total += scores / 4  # the fused kernel's per-thread tiles and its float copy of the mask, generously
+        return float(total)

@@ -1,0 +1,242 @@
+"""Side by side with the most used public PyTorch implementation of each algorithm, in one run.
+
+Peers (PyPI, installed by ``nox -s peers``; not dependencies of attnbench):
+
+| ours        | peer                                                            |
+| ----------- | --------------------------------------------------------------- |
+| `local`     | `local-attention`: ``LocalAttention(exact_windowsize=True)``    |
+| `linformer` | `linformer`: ``LinformerSelfAttention`` (with its projections)  |
+| `reformer`  | `reformer-pytorch`: ``LSHAttention``                            |
+| `linear`    | `linear-attention-transformer`: ``linear_attn``, ``causal_linear_attn`` |
+
+Same shapes, dtype, threads and hyperparameters (window, projected length,
+bucket size and hash rounds); forward only, without autograd. Both sides of a
+pair are timed in alternation, ``--rounds`` times, and the medians of all
+their samples are compared. Linformer's peer includes the q/k/v/output
+projections, so ours is wrapped in the same four ``nn.Linear`` for that pair.
+The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's)
+and the causal one skips its own bucket: same O(n d^2) algorithm, not the same
+function; the table says so.
+
+Run: ``nox -s peers`` (or ``python -m bench.peers --seq-lens 8192,16384``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attention_impls import get
+from bench.timing import time_callable
+
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+D_MODEL = HEADS * HEAD_DIM
+
+
+@dataclasses.dataclass
+class Pair:
+    label: str
+    ours: Callable[[int], Callable[[], object]]
+    peer: Callable[[int], Callable[[], object]]
+    note: str = ""
+
+
+def _qkv(seq_len: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(BATCH, HEADS, seq_len, HEAD_DIM) for _ in range(3)]
+
+
+def _ours(name: str, *, causal: bool = False, **params) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        module = get(name, params).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM)
+        q, k, v = _qkv(seq_len)
+        return lambda: module(q, k, v, causal=causal)
+
+    return make
+
+
+def _local_peer(window: int) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        from local_attention import LocalAttention
+
+        attn = LocalAttention(
+            window_size=window,
+            causal=False,
+            look_backward=1,
+            look_forward=1,
+            exact_windowsize=True,
+            autopad=True,
+            use_rotary_pos_emb=False,
+        )
+        q, k, v = _qkv(seq_len)
+        return lambda: attn(q, k, v)
+
+    return make
+
+
+def _reformer_peer(bucket_size: int, n_hashes: int) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        from reformer_pytorch.reformer_pytorch import LSHAttention
+
+        attn = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes, causal=False).eval()
+        q, _, v = _qkv(seq_len)
+        qk = q.reshape(BATCH * HEADS, seq_len, HEAD_DIM)  # (batch * heads, seq_len, head_dim)
+        vv = v.reshape(BATCH * HEADS, seq_len, HEAD_DIM)
+        return lambda: attn(qk, vv)[0]
+
+    return make
+
+
+def _linear_peer(*, causal: bool) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        from linear_attention_transformer.linear_attention_transformer import causal_linear_attn, linear_attn
+
+        q, k, v = _qkv(seq_len)
+        if causal:
+            return lambda: causal_linear_attn(q, k, v, bucket_size=64)
+        return lambda: linear_attn(q, k, v)
+
+    return make
+
+
+class _Projected(nn.Module):
+    """Our attention between the same q/k/v and output projections LinformerSelfAttention has."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.to_k = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.to_v = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.to_out = nn.Linear(D_MODEL, D_MODEL)
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq_len, HEADS, HEAD_DIM).transpose(1, 2)  # (batch, heads, seq_len, head_dim)
+
+        out = self.attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)))
+        return self.to_out(out.transpose(1, 2).reshape(batch, seq_len, D_MODEL))  # (batch, seq_len, d_model)
+
+
+def _linformer_ours(k: int) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        torch.manual_seed(0)
+        module = _Projected(get("linformer", {"k": k}).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM))
+        x = torch.randn(BATCH, seq_len, D_MODEL)
+        return lambda: module(x)
+
+    return make
+
+
+def _linformer_peer(k: int) -> Callable[[int], Callable[[], object]]:
+    def make(seq_len: int):
+        from linformer import LinformerSelfAttention
+
+        torch.manual_seed(0)
+        module = LinformerSelfAttention(dim=D_MODEL, seq_len=seq_len, k=k, heads=HEADS, share_kv=False)
+        x = torch.randn(BATCH, seq_len, D_MODEL)
+        return lambda: module(x)
+
+    return make
+
+
+def pairs() -> list[Pair]:
+    window = get("local").config.window
+    reformer = get("reformer").config
+    linformer_k = get("linformer").config.k
+    return [
+        Pair(f"local (window {window})", _ours("local", window=window), _local_peer(window)),
+        Pair(
+            f"linformer (k {linformer_k}, with projections)", _linformer_ours(linformer_k), _linformer_peer(linformer_k)
+        ),
+        Pair(
+            f"reformer (bucket {reformer.bucket_size}, {reformer.n_hashes} hashes)",
+            _ours("reformer"),
+            _reformer_peer(reformer.bucket_size, reformer.n_hashes),
+        ),
+        Pair("linear", _ours("linear"), _linear_peer(causal=False), "peer: softmax feature map; ours: elu+1"),
+        Pair(
+            "linear causal",
+            _ours("linear", causal=True),
+            _linear_peer(causal=True),
+            "peer: softmax feature map, skips its own bucket",
+        ),
+    ]
+
+
+def measure(pair: Pair, seq_len: int, *, rounds: int, min_time_s: float, threads: int) -> dict:
+    samples: dict[str, list[float]] = {"ours": [], "peer": []}
+    with torch.no_grad():
+        fns = {"ours": pair.ours(seq_len), "peer": pair.peer(seq_len)}
+        for _ in range(rounds):
+            for side, fn in fns.items():
+                stats = time_callable(fn, min_time_s=min_time_s, min_samples=3, num_threads=threads)
+                samples[side].extend(stats.samples)
+    ours_s, peer_s = statistics.median(samples["ours"]), statistics.median(samples["peer"])
+    return {
+        "pair": pair.label,
+        "seq_len": seq_len,
+        "ours_median_s": ours_s,
+        "peer_median_s": peer_s,
+        "ours_over_peer": ours_s / peer_s,
+        "note": pair.note,
+        "n_samples": len(samples["ours"]),
+    }
+
+
+def markdown(rows: list[dict], *, threads: int) -> str:
+    lines = [
+        "# attnbench against public implementations",
+        "",
+        f"CPU, float32, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, forward without autograd, "
+        f"{threads} threads, torch {torch.__version__}. Medians of interleaved samples; "
+        "`ours / peer` below 1 means attnbench is faster. Built by `nox -s peers`.",
+        "",
+        "| mechanism | seq_len | ours (ms) | peer (ms) | ours / peer | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['pair']} | {row['seq_len']} | {1e3 * row['ours_median_s']:.1f} | "
+            f"{1e3 * row['peer_median_s']:.1f} | {row['ours_over_peer']:.2f} | {row['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="8192,16384")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="reports/peers.md")
+    parser.add_argument("--json", default="results/peers.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for pair in pairs():
+        for seq_len in (int(n) for n in args.seq_lens.split(",")):
+            row = measure(pair, seq_len, rounds=args.rounds, min_time_s=args.min_time, threads=args.threads)
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+    text = markdown(rows, threads=args.threads)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
