@@ -92,8 +92,8 @@ def benchmark_stats(samples: Sequence[float], *, iterations: int = 1) -> dict[st
         ld15iqr = hd15iqr = data[0]
     else:
         ld15iqr = data[bisect.bisect_left(data, q1 - 1.5 * iqr)]
-        position = bisect.bisect_right(data, q3 + 1.5 * iqr)
-        hd15iqr = data[-1] if position == rounds else data[position]
+        # the highest datum within the fence (pytest-benchmark >= 5.3; older releases took the one above it)
+        hd15iqr = data[bisect.bisect_right(data, q3 + 1.5 * iqr) - 1]
     total = sum(data)
     return {
         "min": data[0],

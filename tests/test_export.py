@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -44,7 +45,10 @@ def test_stats_match_pytest_benchmark(samples: list[float]) -> None:
     for value in samples:
         reference.update(value)
     ours = export.benchmark_stats(samples, iterations=3)
+    version = tuple(int(x) for x in importlib.metadata.version("pytest-benchmark").split(".")[:2])
     for field, value in reference.as_dict().items():
+        if field == "hd15iqr" and version < (5, 3):
+            continue  # fixed in 5.3: older releases returned the first datum above the fence
         assert ours[field] == pytest.approx(value) if isinstance(value, float) else ours[field] == value, field
     assert ours["data"] == samples and ours["iterations"] == 3
 
