@@ -235,6 +235,7 @@ class LocalAttention(AttentionModule):
         # the block outputs and the output they are copied into (the windows are views; edges copy a little)
         total = rows * (2 * padded + 6 * (geo.span + geo.window + geo.block)) * head_dim * itemsize
         total += (geo.block * geo.span) * (1 + geo.n_blocks - (geo.interior[1] - geo.interior[0]))  # bool masks
+        # an upper bound: all blocks' scores (alive together under autograd; one chunk's worth without it)
         scores = rows * padded * geo.span * itemsize
         if config.kernel == "matmul":
             # scores, exponentials, probabilities; matmul copies the strided key and value windows

@@ -290,12 +290,12 @@ class SparseAttention(AttentionModule):
         # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
         # gradient once per slice in backward); without it, each part is written straight into the output
         collect = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        out = q.new_empty(rows, n_blocks * block, head_dim)  # (batch*heads, padded_len, head_dim)
+        out = None if collect else q.new_empty(rows, n_blocks * block, head_dim)  # (batch*heads, padded_len, d)
         dense_parts, sparse_parts = [], []
         if dense_rows:  # global query blocks attend to every key
             dense_len = min(dense_rows * block, seq_len)
             dense = _attend(q[:, :, :dense_len], k, v, None, kernel=kernel)  # (batch, heads, dense_len, head_dim)
-            if collect:
+            if out is None:
                 dense_parts.append(dense)
             else:
                 out[:, :dense_len] = dense.reshape(rows, dense_len, head_dim)
@@ -303,17 +303,16 @@ class SparseAttention(AttentionModule):
             q_blocks = pad_seq(q, block).reshape(rows, n_blocks, block, head_dim).transpose(0, 1)  # (nb, bh, b, d)
             k_blocks = pad_seq(k, block).reshape(rows, n_blocks, block, head_dim)  # (b*h, n_blocks, block, d)
             v_blocks = pad_seq(v, block).reshape(rows, n_blocks, block, head_dim)  # (b*h, n_blocks, block, d)
-            out_blocks = out.view(rows, n_blocks, block, head_dim).transpose(0, 1)  # (n_blocks, b*h, block, d)
             for start, stop, index, keep in chunks:
                 kept = (rows, stop - start, keep.shape[-1], head_dim)
                 k_kept = k_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
                 v_kept = v_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
                 part = _attend(q_blocks[start:stop], k_kept, v_kept, keep, kernel=kernel)  # (chunk, b*h, block, d)
-                if collect:
+                if out is None:
                     sparse_parts.append(part)
                 else:
-                    out_blocks[start:stop] = part
-        if not collect:
+                    out.view(rows, n_blocks, block, head_dim).transpose(0, 1)[start:stop] = part  # (nb, bh, b, d)
+        if out is not None:
             return out.view(batch, heads, n_blocks * block, head_dim)[:, :, :seq_len]  # (b, h, seq_len, d)
         if sparse_parts:
             sparse = torch.cat(sparse_parts, dim=0)  # (n_rows, batch*heads, block, head_dim)
