@@ -50,6 +50,16 @@ class LocalConfig:
     kernel: str = "sdpa"
 
 
+def _check_config(config: LocalConfig) -> str | None:
+    if config.window < 0:
+        return f"window must be >= 0, got {config.window}"
+    if config.block_size is not None and config.block_size < 1:
+        return f"block_size must be >= 1 or None, got {config.block_size}"
+    if config.kernel not in KERNELS:
+        return f"kernel must be one of {KERNELS}, got {config.kernel!r}"
+    return None
+
+
 def auto_block_size(window: int) -> int:
     """The block size used when ``block_size`` is None: window / 2, clamped to [16, 256]."""
     return max(16, min(256, (window + 1) // 2))
@@ -158,9 +168,8 @@ class LocalAttention(AttentionModule):
 
     def __init__(self, config: LocalConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        assert config.window >= 0, f"window must be >= 0, got {config.window}"
-        assert config.block_size is None or config.block_size >= 1, f"block_size must be >= 1, got {config.block_size}"
-        assert config.kernel in KERNELS, f"kernel must be one of {KERNELS}, got {config.kernel!r}"
+        problem = _check_config(config)
+        assert problem is None, f"LocalConfig: {problem}"
         # (seq_len, causal, device) -> (geometry, interior keep (block, span), edge keep (n_edge, 1, block, span))
         self._masks: dict[tuple[int, bool, torch.device], tuple[_Geometry, torch.Tensor, torch.Tensor]] = {}
 
@@ -215,10 +224,8 @@ class LocalAttention(AttentionModule):
         reason = super().unsupported_reason(
             config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
         )
-        if reason is None and config.kernel not in KERNELS:
-            return f"local: kernel must be one of {KERNELS}, got {config.kernel!r}"
-        if reason is None and config.window < 0:
-            return f"local: window must be >= 0, got {config.window}"
+        if reason is None and _check_config(config) is not None:
+            return f"local: {_check_config(config)}"
         return reason
 
     @classmethod
