@@ -108,6 +108,11 @@ class AttentionModule(nn.Module):
             return f"seq_len must be >= 1, got {seq_len}"
         if causal and not cls.supports_causal:
             return f"{cls.__name__} does not support causal masking"
+        return cls.config_problem(config, seq_len=seq_len)
+
+    @classmethod
+    def config_problem(cls, config: Any, *, seq_len: int) -> str | None:
+        """None when the hyperparameters make sense for ``seq_len``; otherwise why not (checked after the above)."""
         return None
 
     @classmethod

@@ -161,10 +161,8 @@ class LinformerAttention(AttentionModule):
         return linformer_attention(q, k, v, proj_k=proj_k, proj_v=proj_v)
 
     @classmethod
-    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
-        return super().unsupported_reason(
-            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
-        ) or _config_problem(config, seq_len)
+    def config_problem(cls, config, *, seq_len):
+        return _config_problem(config, seq_len)
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):

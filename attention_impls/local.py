@@ -220,13 +220,9 @@ class LocalAttention(AttentionModule):
         return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
 
     @classmethod
-    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
-        reason = super().unsupported_reason(
-            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
-        )
-        if reason is None and _check_config(config) is not None:
-            return f"local: {_check_config(config)}"
-        return reason
+    def config_problem(cls, config, *, seq_len):
+        problem = _check_config(config)
+        return f"local: {problem}" if problem is not None else None
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):

@@ -26,7 +26,7 @@ def _spec(impl: str | ImplSpec) -> ImplSpec:
 
 
 def make_qkv(
-    seq_len: int, *, dtype: torch.dtype = torch.float64, scale: float = 1.0, seed: int = 0
+    seq_len: int, *, dtype: torch.dtype = torch.float64, scale: float = 1.0, seed: int = 0, requires_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k ~ N(0, 1) and v ~ N(1, 1): values share a mean direction, as a trained model's do."""
     gen = torch.Generator().manual_seed(seed)
@@ -34,7 +34,7 @@ def make_qkv(
     q = torch.randn(shape, generator=gen, dtype=dtype) * scale
     k = torch.randn(shape, generator=gen, dtype=dtype) * scale
     v = (torch.randn(shape, generator=gen, dtype=dtype) + 1.0) * scale
-    return q, k, v
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), v.requires_grad_(requires_grad)
 
 
 def build(spec: ImplSpec, seq_len: int, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:

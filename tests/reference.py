@@ -34,6 +34,15 @@ def reference_attention(
     return torch.einsum("bhij,bhjd->bhid", probs, v)
 
 
+def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), restricted to the (seq_len, seq_len) bool ``allowed``) v in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores - scores.amax(dim=-1, keepdim=True), dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", probs, v)
+
+
 def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     """||out - exact|| / ||exact|| (Frobenius), in float64."""
     out, exact = out.detach().double(), exact.detach().double()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import attention_impls.local  # noqa: F401  (registers "local")
 from attention_impls import get
 from attention_impls.local import LocalAttention, LocalConfig, auto_block_size
-from reference import reference_attention, rel_error
+from conformance import make_qkv
+from reference import masked_reference, reference_attention, rel_error
 
 TOL = 1e-10
 LENGTHS = (1, 3, 127, 200, 1000)
@@ -22,24 +21,6 @@ def band_mask(seq_len: int, window: int, *, causal: bool) -> torch.Tensor:
     j = torch.arange(seq_len).unsqueeze(0)
     allowed = (i - j).abs() <= window
     return allowed & (j <= i) if causal else allowed
-
-
-def masked_reference(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d), restricted to ``allowed``) v in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores - scores.amax(dim=-1, keepdim=True), dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", probs, v)
-
-
-def make_qkv(seq_len: int, *, dtype=torch.float64, scale: float = 1.0, seed: int = 0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, 2, seq_len, 16)
-    q = torch.randn(shape, generator=gen, dtype=dtype) * scale
-    k = torch.randn(shape, generator=gen, dtype=dtype) * scale
-    v = (torch.randn(shape, generator=gen, dtype=dtype) + 1.0) * scale
-    return tuple(x.requires_grad_(requires_grad) for x in (q, k, v))
 
 
 def run(config: LocalConfig, q, k, v, *, causal: bool) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch
 import attention_impls.sparse as sparse
 from attention_impls import get
 from attention_impls.sparse import SparseAttention, SparseConfig, block_layout, block_mask
-from reference import reference_attention, rel_error
+from conformance import make_qkv
+from reference import masked_reference, reference_attention, rel_error
 
 TOL = 1e-10
 LENGTHS = (1, 3, 127, 200, 1000)
@@ -26,24 +26,6 @@ def token_mask(config: SparseConfig, seq_len: int, *, causal: bool) -> torch.Ten
     if causal:
         allowed = allowed & torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     return allowed
-
-
-def masked_reference(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d), restricted to ``allowed``) v in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores - scores.amax(dim=-1, keepdim=True), dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", probs, v)
-
-
-def make_qkv(seq_len: int, *, dtype=torch.float64, scale: float = 1.0, seed: int = 0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, 2, seq_len, 16)
-    q = torch.randn(shape, generator=gen, dtype=dtype) * scale
-    k = torch.randn(shape, generator=gen, dtype=dtype) * scale
-    v = (torch.randn(shape, generator=gen, dtype=dtype) + 1.0) * scale
-    return tuple(x.requires_grad_(requires_grad) for x in (q, k, v))
 
 
 def run(config: SparseConfig, q, k, v, *, causal: bool) -> torch.Tensor:
