@@ -53,6 +53,7 @@ STATUS_LABELS = {"oom": "OOM", "timeout": "timeout", "skipped": "skipped", "erro
 DEFAULT_MIN_FIT_SEQ_LEN = 1024
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MEMORY_BUDGET_BYTES = 16 * 2**30
+MAX_EXTRAPOLATION = 32  # a memory fit is not trusted beyond this multiple of the longest measured length
 _NUMERIC_FIELDS = (
     "median_s",
     "iqr_s",
@@ -727,9 +728,10 @@ def budget_table(
     """Per curve: the longest length whose peak memory fits ``budget_bytes``.
 
     ``basis`` says where the number comes from: ``measured`` (a measured length fits and a longer one does
-    not), ``extrapolated`` (every measured length fits; solved from the memory fit), ``at least`` (every
-    measured length fits and there is no fit), ``none`` (even the shortest measured length is over) or
-    ``no data``.
+    not), ``extrapolated`` (every measured length fits; solved from the memory fit), ``beyond`` (the fit's
+    answer is more than ``MAX_EXTRAPOLATION`` times the longest measured length, too far to trust: the
+    number is that limit, a lower bound), ``at least`` (every measured length fits and there is no fit),
+    ``none`` (even the shortest measured length is over) or ``no data``.
     """
     fits = {tuple(row[c] for c in CURVE_COLUMNS): fit_from_row(row, prefix="memory") for row in _records(exponents)}
     rows = []
@@ -746,7 +748,9 @@ def budget_table(
         elif len(over):
             basis, seq_len = ("measured", float(within.max())) if len(within) else ("none", math.nan)
         elif fit is not None and fit.exponent > 0 and math.floor(fit.solve(budget_bytes)) > ok["seq_len"].max():
-            basis, seq_len = "extrapolated", float(math.floor(fit.solve(budget_bytes)))
+            limit = MAX_EXTRAPOLATION * float(ok["seq_len"].max())
+            solved = float(math.floor(fit.solve(budget_bytes)))
+            basis, seq_len = ("extrapolated", solved) if solved <= limit else ("beyond", limit)
         else:
             basis, seq_len = "at least", float(ok["seq_len"].max())
         rows.append(

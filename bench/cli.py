@@ -322,10 +322,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.fail_above is not None and not args.fail_above > 0:
         raise UsageError(f"--fail-above must be a positive ratio, got {args.fail_above}")
+    if not 0 <= args.min_change < 1:
+        raise UsageError(f"--min-change must be between 0 and 1, got {args.min_change}")
     if args.csv:
         _check_writable(Path(args.csv))
     try:
-        comparison = compare_files(base, new, alpha=args.alpha, any_env=args.any_env)
+        comparison = compare_files(base, new, alpha=args.alpha, any_env=args.any_env, min_change=args.min_change)
     except (ResultsError, CompareError) as exc:
         raise UsageError(str(exc)) from None
     print(format_comparison(comparison, fail_above=args.fail_above))
@@ -342,6 +344,13 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("base", metavar="BASE", help="results file (or folder) of the reference run")
     p.add_argument("new", metavar="NEW", help="results file (or folder) of the run to judge")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the Mann-Whitney U test")
+    p.add_argument(
+        "--min-change",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="a significant change of the median within 1 +- FRACTION is reported as 'within' (default 0.05)",
+    )
     p.add_argument(
         "--fail-above",
         type=float,

@@ -3,8 +3,11 @@
 Cases are matched by their key (every field of the case) within comparable environments (the same
 :func:`bench.results.env_identity`); ``any_env`` matches across environments. For each matched case:
 the ratio of medians (new / base), a two-sided Mann–Whitney U test on the raw timing samples, and the
-ratio of peak memory. A summary gives geometric means. A *significant regression* is a case whose new
-median is above ``fail_above`` times the base median with a p-value below ``alpha``.
+ratio of peak memory. A summary gives geometric means and counts the cases that *changed*: a p-value below
+``alpha`` and a ratio of medians outside 1 ± ``min_change``. With hundreds of samples the test detects
+drifts of 1% between two runs on a shared machine; ``min_change`` keeps those apart ("within ±5%") from
+changes worth reading. A *significant regression* is a case whose new median is above ``fail_above``
+times the base median with a p-value below ``alpha``.
 
 The Mann–Whitney test is implemented here (normal approximation with tie and continuity corrections,
 as ``scipy.stats.mannwhitneyu(method="asymptotic")``): scipy is not a runtime dependency.
@@ -22,6 +25,7 @@ import pandas as pd
 from bench.analysis import CURVE_COLUMNS, Results, curve_label, load_results
 
 DEFAULT_ALPHA = 0.05
+DEFAULT_MIN_CHANGE = 0.05  # a significant ratio of medians within 1 ± this is reported as no real change
 _CASE_COLUMNS = (*(c for c in CURVE_COLUMNS if c != "env_id"), "seq_len")
 
 
@@ -92,6 +96,7 @@ class Comparison:
     only_new: pd.DataFrame
     alpha: float
     any_env: bool
+    min_change: float = DEFAULT_MIN_CHANGE
 
     @property
     def both_ok(self) -> pd.DataFrame:
@@ -107,6 +112,11 @@ class Comparison:
         """Cases significantly slower by more than ``fail_above`` (new median / base median)."""
         ok = self.both_ok
         return ok[ok["significant"] & (ok["time_ratio"] > fail_above)]
+
+    def changed(self) -> pd.DataFrame:
+        """Cases both ok, significant, and with a ratio of medians outside 1 ± ``min_change``."""
+        ok = self.both_ok
+        return ok[ok["verdict"].isin(("slower", "faster"))]
 
     def status_changes(self) -> pd.DataFrame:
         return self.rows[self.rows["base_status"] != self.rows["new_status"]]
@@ -124,15 +134,17 @@ def _match_key(frame: pd.DataFrame, *, any_env: bool) -> pd.Series:
     return frame["case_key"] if any_env else frame["env_id"] + "|" + frame["case_key"]
 
 
-def _verdict(row: dict) -> str:
+def _verdict(row: dict, *, min_change: float) -> str:
     if row["base_status"] != "ok" or row["new_status"] != "ok":
         return f"{row['base_status']} → {row['new_status']}"
     if not row["significant"]:
         return "no significant change"
+    if abs(row["time_ratio"] - 1.0) <= min_change:
+        return f"within ±{min_change:.0%}"
     return "slower" if row["time_ratio"] > 1 else "faster"
 
 
-def _compare_row(base: dict, new: dict, *, alpha: float) -> dict:
+def _compare_row(base: dict, new: dict, *, alpha: float, min_change: float) -> dict:
     row = {c: new[c] for c in _CASE_COLUMNS}
     row["label"] = curve_label(new["impl"], new["params"])
     row["base_env_id"], row["new_env_id"] = base["env_id"], new["env_id"]
@@ -149,11 +161,18 @@ def _compare_row(base: dict, new: dict, *, alpha: float) -> dict:
     row["base_peak_bytes"], row["new_peak_bytes"] = base["peak_bytes"], new["peak_bytes"]
     positive = base["peak_bytes"] > 0 and new["peak_bytes"] > 0
     row["memory_ratio"] = new["peak_bytes"] / base["peak_bytes"] if positive else math.nan
-    row["verdict"] = _verdict(row)
+    row["verdict"] = _verdict(row, min_change=min_change)
     return row
 
 
-def compare_results(base: Results, new: Results, *, alpha: float = DEFAULT_ALPHA, any_env: bool = False) -> Comparison:
+def compare_results(
+    base: Results,
+    new: Results,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    any_env: bool = False,
+    min_change: float = DEFAULT_MIN_CHANGE,
+) -> Comparison:
     """Match the cases of ``new`` to those of ``base`` and compare each pair."""
     base_frame = base.frame.assign(match=_match_key(base.frame, any_env=any_env))
     new_frame = new.frame.assign(match=_match_key(new.frame, any_env=any_env))
@@ -162,7 +181,7 @@ def compare_results(base: Results, new: Results, *, alpha: float = DEFAULT_ALPHA
         new_frame = new_frame.drop_duplicates("match", keep="last")
     base_by_key = {row["match"]: row for row in base_frame.to_dict("records")}
     rows = [
-        _compare_row(base_by_key[row["match"]], row, alpha=alpha)
+        _compare_row(base_by_key[row["match"]], row, alpha=alpha, min_change=min_change)
         for row in new_frame.to_dict("records")
         if row["match"] in base_by_key
     ]
@@ -178,6 +197,7 @@ def compare_results(base: Results, new: Results, *, alpha: float = DEFAULT_ALPHA
         only_new=only_new.reset_index(drop=True),
         alpha=alpha,
         any_env=any_env,
+        min_change=min_change,
     )
 
 
@@ -187,9 +207,12 @@ def compare_files(
     *,
     alpha: float = DEFAULT_ALPHA,
     any_env: bool = False,
+    min_change: float = DEFAULT_MIN_CHANGE,
 ) -> Comparison:
     """Load both sides and compare them; raises ``ResultsError`` for bad files, ``CompareError`` if nothing matches."""
-    comparison = compare_results(load_results(base_paths), load_results(new_paths), alpha=alpha, any_env=any_env)
+    comparison = compare_results(
+        load_results(base_paths), load_results(new_paths), alpha=alpha, any_env=any_env, min_change=min_change
+    )
     if comparison.rows.empty:
         hint = "" if any_env else " in a comparable environment (--any-env matches across environments)"
         raise CompareError(f"no case of NEW matches a case of BASE{hint}")
@@ -225,6 +248,18 @@ def _varying(*frames: pd.DataFrame) -> list[str]:
     return [column for column in columns if combined[column].nunique() > 1]
 
 
+def _changed_line(comparison: Comparison) -> str:
+    changed = comparison.changed()
+    slower = int((changed["verdict"] == "slower").sum())
+    verdicts = comparison.both_ok["verdict"]
+    small = int(verdicts.str.startswith("within").sum())
+    return (
+        f"changed (p < {comparison.alpha:g} and beyond ±{comparison.min_change:.0%}): {len(changed)} of "
+        f"{len(comparison.both_ok)} ({slower} slower, {len(changed) - slower} faster); "
+        f"significant but within ±{comparison.min_change:.0%}: {small}"
+    )
+
+
 def format_comparison(comparison: Comparison, *, fail_above: float | None = None) -> str:
     """A plain-text summary and per-case table (what ``attnbench compare`` prints)."""
     rows = comparison.rows
@@ -233,6 +268,7 @@ def format_comparison(comparison: Comparison, *, fail_above: float | None = None
         f"only in BASE: {len(comparison.only_base)}; only in NEW: {len(comparison.only_new)}",
         f"geometric mean new/base: time {_ratio(comparison.geomean_time_ratio())}, "
         f"peak memory {_ratio(comparison.geomean_memory_ratio())}",
+        _changed_line(comparison),
     ]
     if comparison.any_env:
         lines.append("warning: --any-env: cases were matched across environments that may not be comparable")

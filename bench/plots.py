@@ -192,6 +192,18 @@ def _log2_axis(ax, seq_lens: Iterable[int]) -> None:
         ax.set_xlim(ticks[0] / 1.2, ticks[-1] * 1.2)  # every length of the grid, run or not
 
 
+def _plain_log_ticks(axis) -> None:
+    """On a log axis spanning under two decades, tick labels as plain numbers (0.5, 2, 3) rather than
+    2×10^0; wider axes keep matplotlib's powers of ten. Call after plotting (reads the view limits)."""
+    from matplotlib.ticker import LogFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    if low <= 0 or high / low >= 100:
+        return
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _reference_slopes(ax, points: pd.DataFrame, *, column: str, scale: float = 1.0) -> None:
     """Dashed grey lines ∝ n and ∝ n², through the geometric mean of the values at the shortest length."""
     valid = points[points[column] > 0]
@@ -531,6 +543,7 @@ def _pareto_figure(
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")
+            _plain_log_ticks(ax.xaxis)
             ax.set_xlabel("relative error ‖out − exact‖ / ‖exact‖")
             ax.set_ylabel("median time per call (s)")
             ax.set_title(what)

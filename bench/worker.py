@@ -42,7 +42,7 @@ from bench.timing import time_callable
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192, "mps": 4096}
 ERROR_QUERY_CHUNK = 512  # query rows per step of the float64 reference (memory chunk x n)
-PEAKED_SCALE = 4.0  # q and k scaled by this for the peaked-attention error
+PEAKED_SCORE_STD = 4.0  # peaked inputs: q and k scaled so that the attention scores have this standard deviation
 
 
 # ---------------------------------------------------------------- environment
@@ -208,11 +208,24 @@ def exact_reference(
     return out
 
 
+def peaked_scale(head_dim: int, *, shared_qk: bool) -> float:
+    """The factor on standard-normal q and k that gives scores q.k/sqrt(d) a spread of PEAKED_SCORE_STD.
+
+    Separate keys: q.k/sqrt(d) with q, k ~ N(0, s^2) has standard deviation s^2. Shared query-key (the keys
+    are the queries normalized to unit length): q_i.q_j/|q_j|/sqrt(d) has standard deviation s/sqrt(d), so
+    random inputs give nearly uniform attention there and need a larger factor to peak.
+    """
+    if shared_qk:
+        return PEAKED_SCORE_STD * math.sqrt(head_dim)
+    return math.sqrt(PEAKED_SCORE_STD)
+
+
 def approximation_errors(module, spec, q, k, v, *, causal: bool) -> dict[str, float]:
     """rel_error = ||out - exact|| / ||exact|| on the timed (random) inputs and on peaked ones."""
     errors = {}
+    peaked = peaked_scale(q.shape[-1], shared_qk=spec.shared_qk)
     with torch.no_grad():
-        for label, scale in (("rel_error", 1.0), ("rel_error_peaked", PEAKED_SCALE)):
+        for label, scale in (("rel_error", 1.0), ("rel_error_peaked", peaked)):
             qs, ks = q * scale, k * scale
             out = module(qs, ks, v, causal=causal).to("cpu", torch.float64)
             exact = exact_reference(qs, ks, v, causal=causal, shared_qk=spec.shared_qk)

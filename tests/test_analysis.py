@@ -414,6 +414,10 @@ def test_memory_budget(study: analysis.Results) -> None:
     sdpa = _row(budget, impl="sdpa")
     assert sdpa["basis"] == "extrapolated"
     assert sdpa["max_seq_len"] == pytest.approx(2**30 / 2048, abs=1)
+    # 1 TiB would be n = 2^40 / 2048, far past the measured lengths: reported as the extrapolation limit
+    huge = _row(analysis.budget_table(study.frame, exponents, budget_bytes=2**40), impl="sdpa")
+    longest = study.frame[(study.frame["impl"] == "sdpa") & (study.frame["status"] == "ok")]["seq_len"].max()
+    assert (huge["basis"], huge["max_seq_len"]) == ("beyond", analysis.MAX_EXTRAPOLATION * longest)
     tiny = _row(analysis.budget_table(study.frame, exponents, budget_bytes=1000), impl="full")
     assert tiny["basis"] == "none"
 

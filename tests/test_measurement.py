@@ -33,6 +33,14 @@ def test_time_callable_measures_a_known_sleep() -> None:
     assert stats.measured_s >= 0.1
 
 
+def test_time_callable_calls_only_warmup_and_samples() -> None:
+    """No hidden warm-up per sample: every call is the warm-up or inside a sample."""
+    calls = []
+    stats = time_callable(lambda: calls.append(time.sleep(0.01)), min_time_s=0.0, min_samples=5, warmup_calls=1)
+    assert stats.calls_per_sample == 1
+    assert len(calls) == 1 + stats.n_samples * stats.calls_per_sample == 6
+
+
 def test_cpu_peak_sees_a_known_allocation() -> None:
     def allocate():
         a = torch.ones(64 * MiB // 4)  # 64 MiB
