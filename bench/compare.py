@@ -230,12 +230,15 @@ def _ms(value: float) -> str:
     return f"{value * 1e3:.4g}" if isinstance(value, float) and math.isfinite(value) else "–"
 
 
+_SCOPE_COLUMNS = ("scope", "depth", "residual")  # said by "layers RESIDUAL depth=N" for layer stacks
+
+
 def _describe(row: dict, *, varying: Sequence[str]) -> str:
     """``label mode [layers residual x depth] [the setup fields that vary]``."""
     parts = [row["label"], row["mode"]]
     if row["scope"] == "layers":
         parts.append(f"layers {row['residual']} depth={row['depth']}")
-    parts += [f"{column}={row[column]}" for column in varying]
+    parts += [f"{column}={row[column]}" for column in varying if column not in _SCOPE_COLUMNS]
     return " ".join(str(part) for part in parts)
 
 

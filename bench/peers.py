@@ -14,9 +14,10 @@ bucket size and hash rounds); forward only, without autograd. Both sides of a
 pair are timed in alternation, ``--rounds`` times, and the medians of all
 their samples are compared. Linformer's peer includes the q/k/v/output
 projections, so ours is wrapped in the same four ``nn.Linear`` for that pair.
-The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's)
-and the causal one skips its own bucket: same O(n d^2) algorithm, not the same
-function; the table says so.
+The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's;
+a second row runs ours with its softmax feature map) and the causal one skips
+its own bucket: same O(n d^2) algorithm, not the same function; the table
+says so.
 
 Run: ``nox -s peers`` (or ``python -m bench.peers --seq-lens 8192,16384``).
 """
@@ -165,6 +166,12 @@ def pairs() -> list[Pair]:
             _reformer_peer(reformer.bucket_size, reformer.n_hashes),
         ),
         Pair("linear", _ours("linear"), _linear_peer(causal=False), "peer: softmax feature map; ours: elu+1"),
+        Pair(
+            "linear, softmax feature map",
+            _ours("linear", feature_map="softmax"),
+            _linear_peer(causal=False),
+            "both softmax over head_dim for q; the peer's k: softmax over the sequence, no normalizer",
+        ),
         Pair(
             "linear causal",
             _ours("linear", causal=True),

@@ -181,3 +181,15 @@ def test_flops_and_memory_scale_linearly() -> None:
         assert flops[1] == pytest.approx(2 * flops[0])
         assert memory[0] < memory[1] <= 2 * memory[0]  # linear plus, when causal, a per-block constant
     assert dataclasses.asdict(config) == {"feature_map": "elu", "chunk_size": 64, "eps": 1e-6}
+
+
+def test_elu_feature_map_equals_elu_plus_one_with_its_gradient() -> None:
+    x = torch.tensor([-40.0, -3.0, -1e-3, 0.0, 1e-3, 2.0, 50.0], dtype=torch.float64, requires_grad=True)
+    phi = FEATURE_MAPS["elu"]
+    expected = torch.nn.functional.elu(x) + 1
+    (grad,) = torch.autograd.grad(phi(x).sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert torch.equal(grad, expected_grad)  # 1 at 0, as elu's
+    with torch.no_grad():  # the in-place path
+        # exp(x) is more accurate than expm1(x) + 1 for very negative x, hence the absolute tolerance
+        assert torch.allclose(phi(x), expected, rtol=1e-15, atol=1e-15)
