@@ -131,7 +131,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             spec = registry.get(impl)
             if impl not in names:
                 raise UsageError(f"--param names {impl!r}, which is not among the implementations to run")
-            impl_params[impl] = spec.with_params(**params).params()
+            # only what differs from the defaults: the case key and the report label stay short, and a
+            # default passed explicitly names the same case as no --param at all
+            defaults = spec.params()
+            chosen = spec.with_params(**params).params()
+            impl_params[impl] = {key: value for key, value in chosen.items() if value != defaults[key]}
         impls = {name: impl_params.get(name, {}) for name in names}
         cases = []
         for name, params in impls.items():
