@@ -30,6 +30,7 @@ __all__ = [
     "UnsupportedCase",
     "check_qkv",
     "masked_softmax",
+    "needs_grad",
     "pad_seq",
 ]
 
@@ -54,6 +55,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("seq_len must be at least 1")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError("q, k, v must share dtype and device")
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record an operation on ``tensors`` (grad mode on and one of them requires grad).
+
+    Blockwise implementations ask this to choose between writing each block into one output buffer (no
+    autograd) and concatenating the blocks (with autograd, where writing many slices of one buffer would
+    copy the whole gradient once per slice in backward).
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, pad_seq
+from attention_impls.base import AttentionModule, check_qkv, needs_grad, pad_seq
 from attention_impls.registry import register
 
 __all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
@@ -68,7 +68,7 @@ class _EluPlusOne(torch.autograd.Function):
 
 
 def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
+    if needs_grad(x):
         return _EluPlusOne.apply(x)
     return x.clamp(max=0).exp_().add_(F.relu(x))  # the same arithmetic, without building a graph
 
@@ -123,10 +123,6 @@ def _block_positions(shape: torch.Size | tuple[int, ...], *, chunk: int, causal:
     return chunk * max(1, elements // (batch * heads * dim * chunk))
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> None:
     """out[:, :, start:start + length] = numerator / max(normalizer, eps); ``num`` is (..., length, d_v + 1).
 
@@ -136,7 +132,7 @@ def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> N
     length = min(num.shape[2], out.shape[2] - start)  # drop the padding rows
     numerator = num[:, :, :length, :dim_v]  # (batch, heads, length, head_dim)
     denominator = num[:, :, :length, dim_v:].clamp_min(eps)  # (batch, heads, length, 1)
-    if _needs_grad(num):
+    if needs_grad(num):
         out[:, :, start : start + length] = numerator / denominator  # a differentiable copy
     else:
         torch.div(numerator, denominator, out=out[:, :, start : start + length])

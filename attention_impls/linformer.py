@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from attention_impls.base import AttentionModule, check_qkv
+from attention_impls.base import AttentionModule, check_qkv, needs_grad
 from attention_impls.registry import register
 
 __all__ = ["INITS", "LinformerAttention", "LinformerConfig", "linformer_attention", "make_projection"]
@@ -111,7 +111,7 @@ def linformer_attention(
     if rows >= seq_len:
         probs = torch.softmax(torch.matmul(q, keys_t), dim=-1)  # (batch, heads, seq_len, k)
         return torch.matmul(probs, values)  # (batch, heads, seq_len, head_dim)
-    track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys_t, values))
+    track = needs_grad(q, keys_t, values)
     out = q.new_empty(batch, heads, seq_len, values.shape[-1])  # (batch, heads, seq_len, head_dim)
     for start in range(0, seq_len, rows):
         probs = torch.softmax(torch.matmul(q[:, :, start : start + rows], keys_t), dim=-1)  # (batch, heads, rows, k)

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, masked_softmax
+from attention_impls.base import AttentionModule, check_qkv, masked_softmax, needs_grad
 from attention_impls.registry import register
 
 KERNELS = ("sdpa", "matmul")
@@ -200,7 +200,7 @@ class LocalAttention(AttentionModule):
             ranges = [(0, geo.n_blocks, edge_keep)]
         # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
         # gradient once per slice in backward); without it, each part is written straight into the output
-        collect = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        collect = needs_grad(q, k, v)
         out = None if collect else q.new_empty(rows, geo.n_blocks, geo.block, head_dim)  # (b*h, nb, block, d)
         parts = []
         for start, stop, keep in ranges:

@@ -78,7 +78,7 @@ import math
 import torch
 from torch import nn
 
-from attention_impls.base import AttentionModule, check_qkv
+from attention_impls.base import AttentionModule, check_qkv, needs_grad
 from attention_impls.registry import register
 
 __all__ = ["MAX_SINGLE_ROTATION", "ReformerAttention", "ReformerConfig", "auto_n_buckets", "bucket_factors"]
@@ -315,7 +315,7 @@ class ReformerAttention(AttentionModule):
 
         # exp's floor on the CPU: results stay normal numbers (exp(-80) ~ 2e-35, exp(-700) ~ 1e-304)
         exp_floor = EXP_FLOOR_CPU.get(dtype) if q.device.type == "cpu" else None
-        recording = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
+        recording = needs_grad(q, v)
 
         # query chunks 1 .. groups - 1, a block of them at a time: the block's working set stays in cache
         block = max(1, (BLOCK_SLOTS if q.device.type == "cpu" else BLOCK_SLOTS_ACCELERATOR) // chunk)

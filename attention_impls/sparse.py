@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, masked_softmax, pad_seq
+from attention_impls.base import AttentionModule, check_qkv, masked_softmax, needs_grad, pad_seq
 from attention_impls.registry import register
 
 LAYOUTS = ("bigbird", "fixed", "strided", "dense")
@@ -289,7 +289,7 @@ class SparseAttention(AttentionModule):
         n_blocks, dense_rows = layout.n_blocks, layout.dense_rows
         # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
         # gradient once per slice in backward); without it, each part is written straight into the output
-        collect = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        collect = needs_grad(q, k, v)
         out = None if collect else q.new_empty(rows, n_blocks * block, head_dim)  # (batch*heads, padded_len, d)
         dense_parts, sparse_parts = [], []
         if dense_rows:  # global query blocks attend to every key
