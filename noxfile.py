@@ -89,7 +89,7 @@ def peers(session: nox.Session) -> None:
     """Time our local, linformer, reformer and linear beside their public PyPI peers; writes reports/peers.md."""
     _install_project(session)
     session.install(*CONSTRAINTS, *PEERS)  # torch stays pinned: the peers' unpinned torch pulls nothing
-    session.run("python", "-m", "bench.peers", *session.posargs)
+    session.run("python", "-m", "bench.measure.peers", *session.posargs)
 
 
 @nox.session

@@ -106,7 +106,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from attention_impls import registry
     from bench import cases as grid
     from bench.results import ResultsError, iter_records
-    from bench.runner import Sweep, SweepOptions
+    from bench.measure.runner import Sweep, SweepOptions
 
     try:
         seq_lens = grid.parse_seq_lens(args.seq_lens)
@@ -267,7 +267,7 @@ def _positive_gb(value: float, *, name: str) -> float:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from bench.report import ReportOptions, write_report
+    from bench.report.markdown import ReportOptions, write_report
     from bench.results import ResultsError
 
     paths = _results_paths(args.results)
@@ -318,7 +318,7 @@ def _add_report_parser(sub) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import CompareError, compare_files, format_comparison
+    from bench.report.compare import CompareError, compare_files, format_comparison
     from bench.results import ResultsError
 
     base, new = _results_paths([args.base]), _results_paths([args.new])
@@ -367,8 +367,8 @@ def _add_compare_parser(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bench.analysis import load_results
-    from bench.export import ExportError, write_export
+    from bench.report.analysis import load_results
+    from bench.report.export import ExportError, write_export
     from bench.results import ResultsError
 
     paths = _results_paths(args.results)

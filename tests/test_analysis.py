@@ -1,4 +1,4 @@
-"""bench.analysis on synthetic results whose answers are known by construction.
+"""bench.report.analysis on synthetic results whose answers are known by construction.
 
 The builders here (``make_record``, ``write_results``, ``synthetic_study``) are shared with
 test_report, test_compare and test_export.
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import analysis
+from bench.report import analysis
 from bench.results import ResultsError, ResultsWriter
 
 ENV: dict[str, Any] = {

@@ -13,8 +13,8 @@ import pytest
 from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, jittered, make_record, write_results
 
-from bench import compare
-from bench.analysis import load_results
+from bench.report import compare
+from bench.report.analysis import load_results
 
 
 def run_records(scale: dict[str, float] | None = None, *, env: dict | None = None, memory: float = 1.0) -> list[dict]:

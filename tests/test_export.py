@@ -14,8 +14,8 @@ import pytest
 from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, make_record, synthetic_study, write_results
 
-from bench import export
-from bench.analysis import load_results
+from bench.report import export
+from bench.report.analysis import load_results
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bench.cases import Case
-from bench.memory import measure_peak
-from bench.timing import summarize, time_callable
-from bench.worker import run_case
+from bench.measure.memory import measure_peak
+from bench.measure.timing import summarize, time_callable
+from bench.measure.worker import run_case
 
 MiB = 2**20
 QUICK = {"min_time_s": 0.0, "min_samples": 5}

@@ -254,7 +254,7 @@ def test_flops_and_memory_grow_linearly() -> None:
 
 def test_no_dense_score_matrix() -> None:
     """Peak memory at n = 8192 stays far below one n x n matrix, and within the memory_bytes estimate."""
-    from bench.memory import measure_peak
+    from bench.measure.memory import measure_peak
 
     seq_len = 8192
     q = torch.randn(1, 1, seq_len, HEAD_DIM)

@@ -11,8 +11,8 @@ import pytest
 from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, make_record, synthetic_study, write_results
 
-from bench import plots
-from bench.report import ReportOptions, fmt_sig, markdown_table, write_report
+from bench.report import plots
+from bench.report.markdown import ReportOptions, fmt_sig, markdown_table, write_report
 
 FIGURE_STEMS = ("time_vs_seq_len", "memory_vs_seq_len", "fwd_bwd_ratio", "layers_memory_vs_depth", "speed_vs_error")
 

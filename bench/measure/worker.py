@@ -1,6 +1,6 @@
 """Run cases in a process of its own and report one record per case.
 
-The parent (``bench.runner``) starts ``python -m bench.worker`` and speaks
+The parent (``bench.measure.runner``) starts ``python -m bench.measure.worker`` and speaks
 JSON lines to it: a request on stdin, a reply on the protocol stream (the
 process's original stdout; anything the measured code prints goes to stderr).
 The worker only measures; the parent decides what to run, enforces time-outs
@@ -36,8 +36,8 @@ import torch
 import bench
 from attention_impls import UnsupportedCase, get, registry
 from bench.cases import Case
-from bench.memory import measure_peak
-from bench.timing import time_callable
+from bench.measure.memory import measure_peak
+from bench.measure.timing import time_callable
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192, "mps": 4096}
@@ -234,7 +234,7 @@ def approximation_errors(module, spec, q, k, v, *, causal: bool) -> dict[str, fl
 
 
 def _layer_stack(spec, case: Case, dtype: torch.dtype) -> torch.nn.Module:
-    from attention_impls.reversible import TransformerStack
+    from bench.measure.stack import TransformerStack
 
     stack = TransformerStack(
         spec,
@@ -250,7 +250,7 @@ def _layer_stack(spec, case: Case, dtype: torch.dtype) -> torch.nn.Module:
 
 def layer_stack_flops(spec, case: Case) -> float:
     """FLOPs of one call of the layer stack (projections, feed-forward and attention; backward included)."""
-    from attention_impls.reversible import stack_flops
+    from bench.measure.stack import stack_flops
 
     return float(
         stack_flops(

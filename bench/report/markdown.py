@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench import analysis
-from bench.analysis import CURVE_COLUMNS, STATUS_LABELS, Analysis
+from bench.report import analysis
+from bench.report.analysis import CURVE_COLUMNS, STATUS_LABELS, Analysis
 
 MIB = 2**20
 GIB = 2**30
@@ -570,7 +570,7 @@ def write_report(
     written = [_csv(table, tables_dir / f"{name}.csv") for name, table in _tables(an).items()]
     figures = []
     if options.figures:
-        from bench import plots
+        from bench.report import plots
 
         figures = plots.make_figures(an, out_dir=figures_dir)
     readme = out_dir / "README.md"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis import CURVE_COLUMNS, Results, curve_label, load_results
+from bench.report.analysis import CURVE_COLUMNS, Results, curve_label, load_results
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_MIN_CHANGE = 0.05  # a significant ratio of medians within 1 ± this is reported as no real change

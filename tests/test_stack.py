@@ -1,4 +1,4 @@
-"""The layer stack (attention_impls/reversible.py): reversible backprop equals autograd, RNG replay, memory."""
+"""The layer stack (bench/measure/stack.py): reversible backprop equals autograd, RNG replay, memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import attention_impls.reformer  # noqa: F401  (registers "reformer" until it joins the built-in list)
 from attention_impls import AttentionModule, get
 from attention_impls.full import full_attention
-from attention_impls.reversible import TransformerStack, stack_flops, stack_memory_bytes
+from bench.measure.stack import TransformerStack, stack_flops, stack_memory_bytes
 
 D_MODEL = 32
 HEADS = 4
@@ -136,7 +136,7 @@ def test_shared_qk_attention_gets_no_key_projection() -> None:
 
 
 def peak_bytes_fwd_bwd(stack: TransformerStack, x: torch.Tensor) -> int:
-    from bench.memory import measure_peak
+    from bench.measure.memory import measure_peak
 
     def step() -> None:
         stack(x.requires_grad_(True)).sum().backward()

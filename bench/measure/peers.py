@@ -19,7 +19,7 @@ a second row runs ours with its softmax feature map) and the causal one skips
 its own bucket: same O(n d^2) algorithm, not the same function; the table
 says so.
 
-Run: ``nox -s peers`` (or ``python -m bench.peers --seq-lens 8192,16384``).
+Run: ``nox -s peers`` (or ``python -m bench.measure.peers --seq-lens 8192,16384``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from attention_impls import get
-from bench.timing import time_callable
+from bench.measure.timing import time_callable
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 D_MODEL = HEADS * HEAD_DIM

@@ -33,6 +33,7 @@ from torch import nn
 
 from attention_impls.base import AttentionModule
 from attention_impls.registry import ImplSpec
+from bench.cases import RESIDUALS
 
 __all__ = [
     "RESIDUALS",
@@ -43,7 +44,6 @@ __all__ = [
     "stack_memory_bytes",
 ]
 
-RESIDUALS = ("standard", "reversible")
 AttentionFactory = Callable[..., AttentionModule]  # called as factory(seq_len=..., heads=..., head_dim=...)
 
 

@@ -1,6 +1,6 @@
 """The sweep: schedule cases on isolated worker processes, enforce time-outs and the memory budget, resume.
 
-Each case runs in a worker process (``bench.worker``) that is reused across
+Each case runs in a worker process (``bench.measure.worker``) that is reused across
 cases while it stays healthy. A case that raises is recorded by the worker
 (``error``, ``oom`` for an allocation failure); a worker that passes the
 time-out is killed (``timeout``); one that dies is recorded as ``oom`` when
@@ -58,12 +58,12 @@ def _signal_name(number: int) -> str:
 
 
 class WorkerProcess:
-    """One ``python -m bench.worker`` child, spoken to in JSON lines."""
+    """One ``python -m bench.measure.worker`` child, spoken to in JSON lines."""
 
     def __init__(self, *, threads: int, log_dir: Path) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=log_dir, delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", "--threads", str(threads)],
+            [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -178,7 +178,7 @@ def estimate_bytes(case: Case) -> float:
     )
     tokens = case.batch * case.seq_len * case.d_model * case.itemsize
     if case.scope == "layers":
-        from attention_impls.reversible import stack_memory_bytes
+        from bench.measure.stack import stack_memory_bytes
 
         return stack_memory_bytes(
             spec,

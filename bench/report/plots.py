@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.analysis import STATUS_LABELS, Analysis, ok_rows
+from bench.report.analysis import STATUS_LABELS, Analysis, ok_rows
 
 MIB = 2**20
 SVG_HASHSALT = "attnbench"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.analysis import Results, curve_label, ok_rows
+from bench.report.analysis import Results, curve_label, ok_rows
 
 FORMATS = ("pytest-benchmark",)
 # the version of pytest-benchmark's saved-JSON layout this writer follows (5.x)

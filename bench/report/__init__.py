@@ -1,0 +1,1 @@
+"""What never imports torch: results loaded into pandas, analyses, figures and reports, compare and export."""
