@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import nox
@@ -13,8 +18,13 @@ PLUGIN = str(ROOT / "tests" / "plugin_pkg")
 
 nox.options.sessions = ["tests", "lint"]
 
+# The committed reference: the default sweep on the machine the README quotes, and its report.
 RESULTS = "results/bench.jsonl"
 REPORTS = "reports"
+# What `nox -s bench` writes on any machine: its own results and report, never committed (.gitignore)
+LOCAL = "local"
+# PyTorch's own index of CPU-only builds: on Linux, PyPI's torch is the CUDA build with GBs of nvidia-* wheels
+CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 # The default sweep: every registered implementation, forward and training step, 256 to 16384 tokens.
 # Quadratic ones stop where the runner predicts the time-out would be passed (or the memory budget).
 BENCH_ARGS = ["--seq-lens", "256:16384:x2", "--modes", "fwd,fwd+bwd", "--min-time", "0.2", "--timeout", "60"]
@@ -26,10 +36,40 @@ LAYERS_ARGS = [
 nox.options.reuse_venv = "yes"
 
 
+def _torch_pin() -> str:
+    """The torch requirement of constraints.txt (its one home), e.g. ``torch==2.13.0``."""
+    match = re.search(r"^torch==\S+", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
+    assert match, "constraints.txt must pin torch"
+    return match.group(0)
+
+
+def _has_nvidia_gpu() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _torch_install_args() -> list[str]:
+    """torch as this machine should get it: the CPU build on a Linux machine without an NVIDIA GPU.
+
+    ATTNBENCH_TORCH=cpu or =cuda overrides the guess (``cuda``: PyPI's default build).
+    """
+    choice = os.environ.get("ATTNBENCH_TORCH", "auto")
+    if choice not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"ATTNBENCH_TORCH must be auto, cpu or cuda, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and sys.platform.startswith("linux") and not _has_nvidia_gpu()):
+        return [f"{_torch_pin()}+cpu", "--extra-index-url", CPU_WHEELS]
+    return [_torch_pin()]
+
+
 def _install_project(session: nox.Session, *groups: str) -> None:
-    """The package (editable) and the named dependency groups, torch pinned by constraints.txt."""
+    """torch for this machine, then the package (editable) and the named dependency groups, torch pinned."""
+    session.install(*_torch_install_args())
     requirements = [req for group in groups for req in nox.project.dependency_groups(PYPROJECT, group)]
     session.install(*CONSTRAINTS, "-e", ".", *requirements)
+
+
+def _machine() -> str:
+    """This machine's name, as a file name: its results and report are named after it."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-.") or "this-machine"
 
 
 @nox.session
@@ -52,13 +92,19 @@ def _out_path(args: list[str], default: str) -> str:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the default sweep on the default device (GPU if present) and rebuild reports/; posargs go to `attnbench run`."""
+    """The default sweep on this machine's default device, into results/local/MACHINE.jsonl and reports/local/MACHINE/.
+
+    It never touches the committed reference (results/bench.jsonl, reports/); run again, it resumes.
+    posargs go to `attnbench run` (then the layer-stack study is left out; --out names another file).
+    """
     _install_project(session)
-    out = _out_path(session.posargs, RESULTS)
+    out = _out_path(session.posargs, f"results/{LOCAL}/{_machine()}.jsonl")
     session.run("attnbench", "run", *BENCH_ARGS, "--out", out, *session.posargs)
     if not session.posargs:
         session.run("attnbench", "run", *LAYERS_ARGS, "--out", out)
-    session.run("attnbench", "report", out, "--out", REPORTS)
+    report_dir = f"{REPORTS}/{LOCAL}/{Path(out).stem}"
+    session.run("attnbench", "report", out, "--out", report_dir)
+    session.log(f"results: {out}; report: {report_dir}/README.md")
 
 
 # The committed reports and the results each is built from (nox -s report rebuilds them).

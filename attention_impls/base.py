@@ -1,24 +1,30 @@
-"""The contract every attention implementation follows (DESIGN.md section 2).
+"""The contract every attention implementation follows (docs/ARCHITECTURE.md, the contract section).
 
 An implementation is an ``nn.Module`` subclass of :class:`AttentionModule` with
 
 * class attributes for its metadata (family, paper, complexity, exactness,
   causal support) and its ``Config`` dataclass of hyperparameters;
 * ``__init__(config, *, seq_len, heads, head_dim)``: build for these shapes
-  (learned or random projections live in the module);
+  (learned or random projections live in the module); the base class raises ValueError first when
+  ``config_error`` or ``config_problem`` (below) finds a problem;
 * ``forward(q, k, v, *, causal=False)`` on ``(batch, heads, seq_len, head_dim)``
   tensors, returning the same shape;
 * ``flops(...)`` and ``memory_bytes(...)``: what one forward really computes
   and roughly how many bytes it allocates, for roofline figures and budgets;
-* ``unsupported_reason(...)``: ``None`` or the one-line reason a case can not run.
+* ``config_error(config)``: ``None`` or what is wrong with a hyperparameter whatever the sequence length
+  (a size below its minimum, an unknown layout, a NaN); ``get(name, params)`` refuses such a config at once;
+* ``config_problem(config, *, seq_len)``: the same for problems that depend on the length (the case is
+  recorded as skipped), and ``unsupported_reason(...)``: ``None`` or the one-line reason a case can not run.
 
-It is registered with :func:`attention_impls.registry.register`.
+It is registered with :func:`attention_impls.registry.register` in a module of the ``attention_impls``
+package (every module there is imported when the registry is first used) or of a plugin.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +35,8 @@ __all__ = [
     "EmptyConfig",
     "UnsupportedCase",
     "check_qkv",
+    "choice_error",
+    "int_error",
     "masked_softmax",
     "needs_grad",
     "pad_seq",
@@ -55,6 +63,30 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("seq_len must be at least 1")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError("q, k, v must share dtype and device")
+
+
+def int_error(
+    config: Any, name: str, *, minimum: int, maximum: int | None = None, optional: bool = False
+) -> str | None:
+    """What is wrong with the integer hyperparameter ``name`` (None also allowed when ``optional``), or None."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer{' or None' if optional else ''}, got {value!r}"
+    if value < minimum:
+        return f"{name} must be at least {minimum}, got {value}"
+    if maximum is not None and value > maximum:
+        return f"{name} must be at most {maximum}, got {value}"
+    return None
+
+
+def choice_error(config: Any, name: str, choices: Iterable[str]) -> str | None:
+    """What is wrong with the hyperparameter ``name`` unless it is one of ``choices``, or None."""
+    value, allowed = getattr(config, name), tuple(choices)
+    if not isinstance(value, str) or value not in allowed:
+        return f"{name} must be one of {', '.join(allowed)}, got {value!r}"
+    return None
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -96,6 +128,9 @@ class AttentionModule(nn.Module):
         super().__init__()
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
+        problem = self.config_error(config) or self.config_problem(config, seq_len=seq_len)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: {problem}")
         self.config = config
         self.seq_len = seq_len
         self.heads = heads
@@ -119,11 +154,26 @@ class AttentionModule(nn.Module):
             return f"seq_len must be >= 1, got {seq_len}"
         if causal and not cls.supports_causal:
             return f"{cls.__name__} does not support causal masking"
-        return cls.config_problem(config, seq_len=seq_len)
+        return cls.config_error(config) or cls.config_problem(config, seq_len=seq_len)
+
+    @classmethod
+    def config_error(cls, config: Any) -> str | None:
+        """None when every hyperparameter is valid at any length; otherwise one line about the first bad one.
+
+        The line starts with the hyperparameter's name (``"k must be at least 1, got 0"``): the registry
+        prefixes the implementation's name (``linformer.k ...``) and raises a ConfigError from ``get(name,
+        params)`` and ``ImplSpec.with_params``, before any estimate or build. This default rejects NaN and
+        infinite floats in any field; an override checks each of its hyperparameters after calling it.
+        """
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{field.name} must be a finite number, got {value}"
+        return None
 
     @classmethod
     def config_problem(cls, config: Any, *, seq_len: int) -> str | None:
-        """None when the hyperparameters make sense for ``seq_len``; otherwise why not (checked after the above)."""
+        """None when the (valid) hyperparameters make sense for ``seq_len``; otherwise why not (a skipped case)."""
         return None
 
     @classmethod

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, needs_grad, pad_seq
+from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad, pad_seq
 from attention_impls.registry import register
 
 __all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
@@ -104,16 +104,6 @@ def feature_map(name: str) -> FeatureMap:
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {name!r}; choose one of {', '.join(FEATURE_MAPS)}")
     return FEATURE_MAPS[name]
-
-
-def _config_problem(config: LinearConfig) -> str | None:
-    if config.feature_map not in FEATURE_MAPS:
-        return f"unknown feature_map {config.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}"
-    if config.chunk_size < 1:
-        return f"chunk_size must be >= 1, got {config.chunk_size}"
-    if not config.eps > 0:
-        return f"eps must be > 0, got {config.eps}"
-    return None
 
 
 def _block_positions(shape: torch.Size | tuple[int, ...], *, chunk: int, causal: bool) -> int:
@@ -231,12 +221,7 @@ class LinearAttention(AttentionModule):
     memory_complexity = "O(n d)"
     exact = False
     supports_causal = True
-
-    def __init__(self, config: LinearConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
-        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        problem = _config_problem(config)
-        if problem is not None:
-            raise ValueError(f"linear: {problem}")
+    config: LinearConfig
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
         check_qkv(q, k, v)
@@ -251,9 +236,14 @@ class LinearAttention(AttentionModule):
         )
 
     @classmethod
-    def unsupported_reason(cls, config, *, seq_len, head_dim, causal, device, dtype):
-        return _config_problem(config) or super().unsupported_reason(
-            config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=device, dtype=dtype
+    def config_error(cls, config):
+        eps = config.eps  # a positive number (NaN and infinity are the default check's)
+        eps_ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0
+        return (
+            super().config_error(config)
+            or choice_error(config, "feature_map", FEATURE_MAPS)
+            or int_error(config, "chunk_size", minimum=1)
+            or (None if eps_ok else f"eps must be a number above 0, got {eps!r}")
         )
 
     @staticmethod

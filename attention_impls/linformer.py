@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from attention_impls.base import AttentionModule, check_qkv, needs_grad
+from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad
 from attention_impls.registry import register
 
 __all__ = ["INITS", "LinformerAttention", "LinformerConfig", "linformer_attention", "make_projection"]
@@ -61,16 +61,6 @@ class LinformerConfig:
     k: int = 256  # projected length of keys and values (min(k, seq_len) is used)
     share_kv: bool = False  # one projection for keys and values (F = E), else separate E and F
     init: str = "mean"  # projection init: "mean" (segment pooling), "random" (uniform) or "identity" (k >= seq_len)
-
-
-def _config_problem(config: LinformerConfig, seq_len: int) -> str | None:
-    if config.k < 1:
-        return f"k must be >= 1, got {config.k}"
-    if config.init not in INITS:
-        return f"unknown init {config.init!r}; choose one of {', '.join(INITS)}"
-    if config.init == "identity" and config.k < seq_len:
-        return f"init='identity' needs k >= seq_len, got k={config.k} < seq_len={seq_len}"
-    return None
 
 
 def make_projection(init: str, *, k: int, seq_len: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -137,9 +127,6 @@ class LinformerAttention(AttentionModule):
     def __init__(self, config: LinformerConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
         assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
-        problem = _config_problem(config, seq_len)
-        if problem is not None:
-            raise ValueError(f"linformer: {problem}")
         self.k_eff = min(config.k, seq_len)
         dtype = torch.get_default_dtype()
         self.proj_k = nn.Parameter(make_projection(config.init, k=self.k_eff, seq_len=seq_len).to(dtype))
@@ -161,8 +148,20 @@ class LinformerAttention(AttentionModule):
         return linformer_attention(q, k, v, proj_k=proj_k, proj_v=proj_v)
 
     @classmethod
+    def config_error(cls, config):
+        share_kv = config.share_kv
+        return (
+            super().config_error(config)
+            or int_error(config, "k", minimum=1)
+            or (None if isinstance(share_kv, bool) else f"share_kv must be true or false, got {share_kv!r}")
+            or choice_error(config, "init", INITS)
+        )
+
+    @classmethod
     def config_problem(cls, config, *, seq_len):
-        return _config_problem(config, seq_len)
+        if config.init == "identity" and config.k < seq_len:
+            return f"init='identity' needs k >= seq_len, got k={config.k} < seq_len={seq_len}"
+        return None
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):

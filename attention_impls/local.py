@@ -26,14 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, masked_softmax, needs_grad
+from attention_impls import blocks
+from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad
 from attention_impls.registry import register
-
-KERNELS = ("sdpa", "matmul")
-# Output elements per batched call of interior blocks. Chunks keep each call's keys, values and output in
-# cache and in reused heap memory (a fresh allocation of tens of MB costs page faults comparable to the
-# work), and are still large enough to batch well.
-CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +43,6 @@ class LocalConfig:
     block_size: int | None = None
     # "sdpa": fused torch scaled_dot_product_attention per block batch; "matmul": explicit scores + masked softmax
     kernel: str = "sdpa"
-
-
-def _check_config(config: LocalConfig) -> str | None:
-    if config.window < 0:
-        return f"window must be >= 0, got {config.window}"
-    if config.block_size is not None and config.block_size < 1:
-        return f"block_size must be >= 1 or None, got {config.block_size}"
-    if config.kernel not in KERNELS:
-        return f"kernel must be one of {KERNELS}, got {config.kernel!r}"
-    return None
 
 
 def auto_block_size(window: int) -> int:
@@ -98,34 +83,25 @@ def _geometry(config: LocalConfig, *, seq_len: int, causal: bool) -> _Geometry:
     )
 
 
-def _band_keep(geo: _Geometry, blocks: torch.Tensor | None) -> torch.Tensor:
+def _band_keep(geo: _Geometry, edges: torch.Tensor | None) -> torch.Tensor:
     """Which keys of a block's window each of its queries attends to.
 
-    ``blocks`` None: the pattern shared by interior blocks, (block, span). Otherwise the query block
-    indices of edge blocks: (len(blocks), 1, block, span), where keys outside [0, n) are dropped for
+    ``edges`` None: the pattern shared by interior blocks, (block, span). Otherwise the query block
+    indices of edge blocks: (len(edges), 1, block, span), where keys outside [0, n) are dropped for
     valid queries (padded queries keep them: their rows are discarded, and never empty).
     """
     rows = torch.arange(geo.block).unsqueeze(1)  # (block, 1)
     cols = torch.arange(geo.span).unsqueeze(0)  # (1, span)
     delta = cols - geo.window - rows  # key position - query position, (block, span)
     keep = (delta >= -geo.window) & (delta <= (0 if geo.causal else geo.window))  # (block, span)
-    if blocks is None:
+    if edges is None:
         return keep
-    start = blocks.view(-1, 1, 1) * geo.block  # (n_edge, 1, 1)
+    start = edges.view(-1, 1, 1) * geo.block  # (n_edge, 1, 1)
     query_pos = start + rows  # (n_edge, block, 1)
     key_pos = start - geo.window + cols  # (n_edge, 1, span)
     inside = (key_pos >= 0) & (key_pos < geo.seq_len)  # (n_edge, 1, span)
     keep = keep & (inside | (query_pos >= geo.seq_len))  # (n_edge, block, span)
     return keep.unsqueeze(1)  # (n_edge, 1, block, span)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *, kernel: str) -> torch.Tensor:
-    """Softmax attention of each block batch; q (..., block, d), k/v (..., span, d), keep broadcastable."""
-    if kernel == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (..., block, d)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., block, span)
-    return torch.matmul(masked_softmax(scores, keep), v)  # (..., block, d)
 
 
 def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
@@ -165,11 +141,10 @@ class LocalAttention(AttentionModule):
     memory_complexity = "O(n w)"
     exact = False  # an approximation of full attention (exact for its own band mask)
     supports_causal = True
+    config: LocalConfig
 
     def __init__(self, config: LocalConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        problem = _check_config(config)
-        assert problem is None, f"LocalConfig: {problem}"
         # (seq_len, causal, device) -> (geometry, interior keep (block, span), edge keep (n_edge, 1, block, span))
         self._masks: dict[tuple[int, bool, torch.device], tuple[_Geometry, torch.Tensor, torch.Tensor]] = {}
 
@@ -192,7 +167,7 @@ class LocalAttention(AttentionModule):
         first, end = geo.interior
         if first < end:
             # edge blocks [0, first) and [end, n_blocks) have masks of their own; the interior goes in chunks
-            step = max(1, CHUNK_ELEMENTS // (rows * geo.block * head_dim))
+            step = max(1, blocks.CHUNK_ELEMENTS // (rows * geo.block * head_dim))
             ranges = [(0, first, edge_keep[:first])]
             ranges += [(start, min(start + step, end), interior_keep) for start in range(first, end, step)]
             ranges.append((end, geo.n_blocks, edge_keep[first:]))
@@ -208,7 +183,7 @@ class LocalAttention(AttentionModule):
                 q_blocks = _query_blocks(q, geo, start, stop)  # (blocks, batch*heads, block, head_dim)
                 k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
                 v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
-                part = _attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*h, block, d)
+                part = blocks.attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*h, block, d)
                 if out is None:
                     parts.append(part)
                 else:
@@ -220,9 +195,13 @@ class LocalAttention(AttentionModule):
         return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
 
     @classmethod
-    def config_problem(cls, config, *, seq_len):
-        problem = _check_config(config)
-        return f"local: {problem}" if problem is not None else None
+    def config_error(cls, config):
+        return (
+            super().config_error(config)
+            or int_error(config, "window", minimum=0)
+            or int_error(config, "block_size", minimum=1, optional=True)
+            or choice_error(config, "kernel", blocks.KERNELS)
+        )
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):

@@ -10,7 +10,7 @@ Instead of all ``n`` keys, each query sees a few candidates found by hashing:
 1. **Hash** (angular LSH, Andoni et al. 2015): project onto a random rotation
    ``R`` of shape ``(d, b/2)`` and take ``argmax([xR, -xR])``: one of ``b``
    buckets, once per round with fresh rotations (``n_hashes`` rounds). Past
-   ``MAX_SINGLE_ROTATION`` buckets the hash is factorized (as trax does):
+   ``lsh.MAX_SINGLE_ROTATION`` buckets the hash is factorized (as trax does):
    ``b = b1 * b2`` from two independent rotations, which keeps hashing at
    ``O(n d sqrt(b))`` instead of ``O(n d b)`` -- quadratic when ``b ~ n``.
 2. **Sort** the positions of every round by (bucket, position) and cut them
@@ -40,7 +40,7 @@ the up to ``2 * bucket_size`` latest earlier positions of its bucket, which
 depend only on positions ``<= `` the query: no leakage, exactly. The price is
 padding (partly filled chunks): up to ``n / bucket_size + n_buckets`` chunks are
 computed instead of ``n / bucket_size``; the automatic ``n_buckets`` is halved
-under ``causal=True`` (buckets of two chunks on average, see ``auto_n_buckets``).
+under ``causal=True`` (buckets of two chunks on average, see ``lsh.auto_n_buckets``).
 Non-causal attention uses the paper's cyclic layout, which is what
 reformer-pytorch and trax compute.
 
@@ -78,12 +78,12 @@ import math
 import torch
 from torch import nn
 
-from attention_impls.base import AttentionModule, check_qkv, needs_grad
+from attention_impls.base import AttentionModule, check_qkv, int_error, needs_grad
+from attention_impls.lsh import auto_n_buckets, bucket_factors
 from attention_impls.registry import register
 
-__all__ = ["MAX_SINGLE_ROTATION", "ReformerAttention", "ReformerConfig", "auto_n_buckets", "bucket_factors"]
+__all__ = ["ReformerAttention", "ReformerConfig"]
 
-MAX_SINGLE_ROTATION = 64  # more buckets than this are hashed as a product of two smaller hashes
 SELF_SCORE = -1e5  # a position's score with itself: used only when nothing else is a candidate
 BLOCK_SLOTS = 4096  # query slots per step on the CPU: a step's scores and gathered rows stay in cache
 BLOCK_SLOTS_ACCELERATOR = 2**22  # on GPUs, few large steps (launch overhead; memory is the bound)
@@ -97,41 +97,6 @@ class ReformerConfig:
     bucket_size: int = 64  # chunk length: each query sees its chunk and the previous one (<= 2 * bucket_size keys)
     n_hashes: int = 4  # hashing rounds; more rounds, more candidates (cost grows linearly)
     n_buckets: int | None = None  # buckets per round (1 or even); None: auto_n_buckets, ~seq_len / bucket_size
-
-    def __post_init__(self) -> None:
-        if self.bucket_size < 1:
-            raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size}")
-        if self.n_hashes < 1:
-            raise ValueError(f"n_hashes must be >= 1, got {self.n_hashes}")
-        if self.n_buckets is not None and (self.n_buckets < 1 or (self.n_buckets > 1 and self.n_buckets % 2)):
-            raise ValueError(f"n_buckets must be None, 1 or an even number, got {self.n_buckets}")
-
-
-def auto_n_buckets(seq_len: int, bucket_size: int, *, causal: bool = False) -> int:
-    """Buckets averaging ``bucket_size`` positions (``2 * bucket_size`` when causal): a power of 2, at least 2,
-    or 1 when one bucket's window (a chunk and the one before it) holds the whole sequence anyway.
-
-    Non-causal, this is reformer-pytorch's choice (``n_buckets = seq_len // bucket_size``). Causal, a query
-    sees the latest ``<= 2 * bucket_size`` earlier positions of its own bucket (see the module docstring):
-    buckets of two chunks on average fill that window and leave fewer chunks partly empty (measured on
-    random inputs at n = 2048: relative error 0.12 instead of 0.16, and ~20% faster).
-    """
-    average = bucket_size * (2 if causal else 1)
-    if seq_len <= average:
-        return 1
-    return max(2, 2 ** round(math.log2(seq_len / average)))
-
-
-def bucket_factors(n_buckets: int) -> tuple[int, ...]:
-    """How a hash into ``n_buckets`` is built: () for one bucket, else even factors whose product it is."""
-    if n_buckets == 1:
-        return ()
-    if n_buckets <= MAX_SINGLE_ROTATION:
-        return (n_buckets,)
-    for first in range(math.isqrt(n_buckets), 1, -1):
-        if n_buckets % first == 0 and first % 2 == 0 and (n_buckets // first) % 2 == 0:
-            return (first, n_buckets // first)
-    return (n_buckets,)  # e.g. 2 * prime: no even factorization, hash in one piece
 
 
 @register("reformer")
@@ -154,6 +119,18 @@ class ReformerAttention(AttentionModule):
         # all randomness is drawn here, from torch's RNG; forward draws none
         self.hash_seed = int(torch.randint(0, 2**62, (1,)).item())
         self._rotation_cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def config_error(cls, config):
+        n_buckets = config.n_buckets  # argmax over [xR, -xR] hashes into an even number of buckets
+        odd = isinstance(n_buckets, int) and n_buckets > 1 and n_buckets % 2
+        return (
+            super().config_error(config)
+            or int_error(config, "bucket_size", minimum=1)
+            or int_error(config, "n_hashes", minimum=1)
+            or int_error(config, "n_buckets", minimum=1, optional=True)
+            or (f"n_buckets must be None, 1 or an even number, got {n_buckets}" if odd else None)
+        )
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -5,10 +5,17 @@ Adding one is a decorator::
     @register("myattn")
     class MyAttention(AttentionModule): ...
 
+Built-ins are discovered: on first use of the registry every module of the ``attention_impls`` package
+is imported (``pkgutil.iter_modules`` over its ``__path__``), so a new file there whose class carries
+``@register`` is registered with no edit anywhere else; infrastructure modules (base, registry, blocks,
+lsh) simply register nothing.
+
 ``list_impls("lin*")`` filters by wildcard; ``get(name)`` returns a fresh
 :class:`ImplSpec` (its own config copy, never a handle into the registry);
 an unknown name raises :class:`UnknownImplError` naming the close matches;
-a name registered twice raises :class:`DuplicateImplError` naming both places.
+a name registered twice raises :class:`DuplicateImplError` naming both places;
+``get(name, params)`` with a bad hyperparameter raises :class:`ConfigError`,
+one line naming ``name.param`` (the class's ``config_error``).
 
 Other installed packages add implementations through the entry-point group
 ``attention_impls``: the entry point names a module (importing it registers
@@ -26,6 +33,7 @@ import importlib
 import importlib.metadata
 import inspect
 import os
+import pkgutil
 import re
 import types
 import warnings
@@ -37,8 +45,8 @@ import torch
 from attention_impls.base import AttentionModule
 
 __all__ = [
-    "BUILTIN_MODULES",
     "ENTRY_POINT_GROUP",
+    "ConfigError",
     "DuplicateImplError",
     "ImplSpec",
     "RegistryError",
@@ -52,16 +60,6 @@ __all__ = [
 ENTRY_POINT_GROUP = "attention_impls"
 IMPORT_ENV_VAR = "ATTNBENCH_IMPORT"
 BUILTIN_SOURCE = "built-in"
-# one file per mechanism; imported on first use of the registry
-BUILTIN_MODULES = (
-    "attention_impls.full",
-    "attention_impls.sdpa",
-    "attention_impls.linear",
-    "attention_impls.linformer",
-    "attention_impls.sparse",
-    "attention_impls.local",
-    "attention_impls.reformer",
-)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -76,6 +74,10 @@ class UnknownImplError(RegistryError, KeyError):
 
 class DuplicateImplError(RegistryError):
     pass
+
+
+class ConfigError(RegistryError, ValueError):
+    """A hyperparameter value the implementation rejects: ``name.param ...``, one line."""
 
 
 @dataclasses.dataclass
@@ -163,8 +165,10 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    for module_name in BUILTIN_MODULES:
-        importlib.import_module(module_name)
+    import attention_impls  # the package this module belongs to: its __path__ holds the built-in modules
+
+    for module in pkgutil.iter_modules(attention_impls.__path__, prefix="attention_impls."):
+        importlib.import_module(module.name)
     _load_entry_points()
     for module_name in filter(None, (m.strip() for m in os.environ.get(IMPORT_ENV_VAR, "").split(","))):
         importlib.import_module(module_name)
@@ -184,7 +188,7 @@ def list_impls(pattern: str | list[str] = "*") -> list[str]:
 
 
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    """Convert a command-line string to the type of the field's default."""
+    """Convert a command-line string to the type of the field's default (ValueError: "must be ..., got ...")."""
     if not isinstance(value, str):
         return value
     default = field.default if field.default is not dataclasses.MISSING else None
@@ -194,11 +198,13 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{field.name} expects true or false, got {value!r}")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
+        raise ValueError(f"must be true or false, got {value!r}")
+    for kind, convert in ((int, int), (float, float)):
+        if isinstance(default, kind):
+            try:
+                return convert(value)
+            except ValueError:
+                raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
     if default is None and value.lower() == "none":
         return None
     if default is None:
@@ -253,7 +259,11 @@ class ImplSpec:
         return dataclasses.asdict(self.config)
 
     def with_params(self, **overrides: Any) -> ImplSpec:
-        """A copy with some hyperparameters changed; strings are converted to the field's type."""
+        """A copy with some hyperparameters changed; strings are converted to the field's type.
+
+        Raises :class:`ConfigError` (one line, ``name.param ...``) when the class's ``config_error`` rejects
+        the result, so no estimate or build ever sees an invalid config.
+        """
         fields = {f.name: f for f in dataclasses.fields(self.config)}
         converted = {}
         for key, value in overrides.items():
@@ -263,8 +273,15 @@ class ImplSpec:
             try:
                 converted[key] = _coerce(fields[key], value)
             except ValueError as exc:
-                raise RegistryError(f"{self.name}.{key}: {exc}") from None
-        return dataclasses.replace(self, config=dataclasses.replace(self.config, **converted))
+                raise ConfigError(f"{self.name}.{key} {exc}") from None
+        try:
+            config = dataclasses.replace(self.config, **converted)
+        except (TypeError, ValueError) as exc:  # a plugin's Config checking itself in __post_init__
+            raise ConfigError(f"{self.name}: {exc}") from None
+        problem = self.module_cls.config_error(config)
+        if problem is not None:
+            raise ConfigError(f"{self.name}.{problem}")
+        return dataclasses.replace(self, config=config)
 
     def build(
         self,

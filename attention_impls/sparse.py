@@ -31,13 +31,12 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from attention_impls.base import AttentionModule, check_qkv, masked_softmax, needs_grad, pad_seq
+from attention_impls import blocks
+from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad, pad_seq
 from attention_impls.registry import register
 
 LAYOUTS = ("bigbird", "fixed", "strided", "dense")
-KERNELS = ("sdpa", "matmul")
 
 __all__ = ["BlockLayout", "SparseAttention", "SparseConfig", "block_layout", "block_mask"]
 
@@ -159,22 +158,6 @@ def _finish(n_blocks: int, dense_rows: int, index: torch.Tensor, valid: torch.Te
     return BlockLayout(n_blocks=n_blocks, dense_rows=dense_rows, index=index.contiguous(), valid=valid.contiguous())
 
 
-def _check_config(config: SparseConfig) -> str | None:
-    if config.layout not in LAYOUTS:
-        return f"layout must be one of {LAYOUTS}, got {config.layout!r}"
-    if config.kernel not in KERNELS:
-        return f"kernel must be one of {KERNELS}, got {config.kernel!r}"
-    if config.block_size < 1:
-        return f"block_size must be >= 1, got {config.block_size}"
-    if min(config.window_blocks, config.global_blocks, config.random_blocks) < 0:
-        return "window_blocks, global_blocks and random_blocks must be >= 0"
-    if config.stride is not None and config.stride < 1:
-        return f"stride must be >= 1 or None, got {config.stride}"
-    if config.summary_blocks < 1:
-        return f"summary_blocks must be >= 1, got {config.summary_blocks}"
-    return None
-
-
 @functools.lru_cache(maxsize=64)
 def _cached_layout(config: SparseConfig, n_blocks: int, causal: bool) -> BlockLayout:
     dense_rows, index, valid = _BUILDERS[config.layout](config, n_blocks, causal)
@@ -183,7 +166,7 @@ def _cached_layout(config: SparseConfig, n_blocks: int, causal: bool) -> BlockLa
 
 def block_layout(config: SparseConfig, *, seq_len: int, causal: bool) -> BlockLayout:
     """The layout used for ``seq_len`` positions (cached; do not modify its tensors)."""
-    problem = _check_config(config)
+    problem = SparseAttention.config_error(config)
     assert problem is None, problem
     assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
     return _cached_layout(config, math.ceil(seq_len / config.block_size), causal)
@@ -218,25 +201,13 @@ def _keep_mask(layout: BlockLayout, *, seq_len: int, block: int, causal: bool) -
     return keep.unsqueeze(1)  # (n_rows, 1, block, K*block)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, *, kernel: str):
-    """Softmax attention; q (..., m, d), k/v (..., s, d), keep broadcastable to (..., m, s) or None."""
-    if kernel == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (..., m, d)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., m, s)
-    return torch.matmul(masked_softmax(scores, keep), v)  # (..., m, d)
-
-
-# Gathered key (or value) elements per chunk of query blocks. Chunks keep the gathered blocks in cache and
-# in reused heap memory (a fresh allocation of hundreds of MB costs more in page faults than the copy
-# itself), trim each chunk to its widest row, and are still large enough to batch well.
-CHUNK_ELEMENTS = 1 << 20  # 4 MiB per gathered tensor in float32 (measured: 2^19..2^20 best on CPU)
-
-
 def _chunks(layout: BlockLayout, *, rows: int, block: int, head_dim: int) -> list[tuple[int, int, int]]:
-    """(start, stop, width): consecutive layout rows computed together, and the slots their widest row uses."""
+    """(start, stop, width): consecutive layout rows computed together, and the slots their widest row uses.
+
+    A chunk gathers about ``blocks.CHUNK_ELEMENTS`` key (or value) elements, then is trimmed to its widest row.
+    """
     n_rows, slots = layout.index.shape
-    step = max(1, CHUNK_ELEMENTS // (rows * slots * block * head_dim))
+    step = max(1, blocks.CHUNK_ELEMENTS // (rows * slots * block * head_dim))
     used = layout.valid.sum(dim=1)  # (n_rows,)
     return [
         (start, min(start + step, n_rows), max(1, int(used[start : start + step].max())))
@@ -255,11 +226,10 @@ class SparseAttention(AttentionModule):
     memory_complexity = "O(n K b)"
     exact = False  # an approximation of full attention (exact for its own block mask)
     supports_causal = True
+    config: SparseConfig
 
     def __init__(self, config: SparseConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        problem = _check_config(config)
-        assert problem is None, f"SparseConfig: {problem}"
         # (seq_len, causal, batch*heads, head_dim, device) -> (layout, chunks), on the device; each chunk is
         # (first query block, last + 1, flat key-block index (rows*width,), keep mask (rows, 1, 1|block, width*block))
         self._plans: dict[tuple, tuple[BlockLayout, list[tuple[int, int, torch.Tensor, torch.Tensor]]]] = {}
@@ -294,7 +264,7 @@ class SparseAttention(AttentionModule):
         dense_parts, sparse_parts = [], []
         if dense_rows:  # global query blocks attend to every key
             dense_len = min(dense_rows * block, seq_len)
-            dense = _attend(q[:, :, :dense_len], k, v, None, kernel=kernel)  # (batch, heads, dense_len, head_dim)
+            dense = blocks.attend(q[:, :, :dense_len], k, v, None, kernel=kernel)  # (batch, heads, dense_len, head_dim)
             if out is None:
                 dense_parts.append(dense)
             else:
@@ -307,7 +277,9 @@ class SparseAttention(AttentionModule):
                 kept = (rows, stop - start, keep.shape[-1], head_dim)
                 k_kept = k_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
                 v_kept = v_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
-                part = _attend(q_blocks[start:stop], k_kept, v_kept, keep, kernel=kernel)  # (chunk, b*h, block, d)
+                part = blocks.attend(
+                    q_blocks[start:stop], k_kept, v_kept, keep, kernel=kernel
+                )  # (chunk, b*h, block, d)
                 if out is None:
                     sparse_parts.append(part)
                 else:
@@ -322,9 +294,19 @@ class SparseAttention(AttentionModule):
         return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
 
     @classmethod
-    def config_problem(cls, config, *, seq_len):
-        problem = _check_config(config)
-        return f"sparse: {problem}" if problem is not None else None
+    def config_error(cls, config):
+        return (
+            super().config_error(config)
+            or choice_error(config, "layout", LAYOUTS)
+            or int_error(config, "block_size", minimum=1)
+            or int_error(config, "window_blocks", minimum=0)
+            or int_error(config, "global_blocks", minimum=0)
+            or int_error(config, "random_blocks", minimum=0)
+            or int_error(config, "stride", minimum=1, optional=True)
+            or int_error(config, "summary_blocks", minimum=1)
+            or int_error(config, "seed", minimum=0, maximum=2**64 - 1)  # torch.Generator's range
+            or choice_error(config, "kernel", blocks.KERNELS)
+        )
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):

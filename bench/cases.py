@@ -180,16 +180,41 @@ def parse_devices(text: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, str]]:
-    """``["linformer.k=128"]`` -> ``{"linformer": {"k": "128"}}`` (values converted later, by field type)."""
-    overrides: dict[str, dict[str, str]] = {}
+def parse_param_overrides(items: Iterable[str]) -> tuple[tuple[str, str, str], ...]:
+    """``["linformer.k=128"]`` -> ``(("linformer", "k", "128"),)`` (values converted later, by field type)."""
+    overrides = []
     for item in items:
         match = re.fullmatch(r"([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)=(.+)", item.strip())
         if not match:
             raise GridError(f"malformed --param {item!r}: use IMPL.NAME=VALUE, e.g. linformer.k=128")
-        impl, name, value = match.groups()
-        overrides.setdefault(impl, {})[name] = value
-    return overrides
+        overrides.append(match.groups())
+    return tuple(overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridRequest:
+    """What the user asked to run, parsed; ``bench.measure.plan.plan_cases`` checks it against the registry."""
+
+    impls: tuple[str, ...]  # names or wildcards
+    seq_lens: tuple[int, ...]  # the key/value length
+    dtypes: tuple[str, ...]
+    modes: tuple[str, ...]
+    batch: int
+    heads: int
+    head_dim: int
+    causal: bool
+    scope: str
+    depths: tuple[int, ...]
+    params: tuple[tuple[str, str, str], ...] = ()  # (impl, hyperparameter, value as typed) overrides
+    devices: tuple[str, ...] | None = None  # None: the default device
+    residuals: tuple[str, ...] | None = None  # None: each implementation's own default
+
+    def overrides(self) -> dict[str, dict[str, str]]:
+        """``{"linformer": {"k": "128"}}``: the --param overrides by implementation."""
+        grouped: dict[str, dict[str, str]] = {}
+        for impl, name, value in self.params:
+            grouped.setdefault(impl, {})[name] = value
+        return grouped
 
 
 def expand_grid(

@@ -1,12 +1,11 @@
-"""Results files: one JSON record per line, appended and synced as each case ends.
+"""Results files: the record's fields, and JSONL read and written one record per line.
+
+A sweep appends each record and syncs it to disk as its case ends, holding an exclusive lock on the
+file so that one run at a time writes it; readers are bounded per line (``MAX_LINE_BYTES``) and report
+the lines they skip (:class:`Problem`) the same way for every command.
 
 Schema history (``schema_version``):
-  1 — first version: case, status, message, timing (median_s, iqr_s, min_s,
-      mean_s, samples, n_samples, calls_per_sample, noisy, measured_s),
-      memory (peak_bytes, rss_peak_bytes, rss_before_bytes, memory_method),
-      flops, achieved_flops_per_s, peak_flops_per_s, rel_error, estimate_bytes,
-      env, run_id, wall_s, impl_info (name, family, paper, time_complexity,
-      memory_complexity, exact, causal, source).
+  1 — first version: the fields of ``RECORD_FIELDS`` below.
 
 Never imports torch: reports are rebuilt from ``results/`` alone.
 """
@@ -14,16 +13,68 @@ Never imports torch: reports are rebuilt from ``results/`` alone.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.outputs import OutputError, check_regular_file, make_parents, reason, remove_created
+
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "timeout", "error", "crashed", "skipped")
+# a case that ran and did not finish: ``--retry-failed`` runs these again
+FAILED_STATUSES = ("error", "timeout", "oom", "crashed")
 # env fields that must agree for two records to be comparable (and for a finished case to be reused)
 ENV_IDENTITY_FIELDS = ("host", "cpu_model", "gpu_name", "torch_version", "num_threads")
+# a longer line is no record of ours: it is reported and skipped without being held in memory
+MAX_LINE_BYTES = 16 * 2**20
+_SKIP_CHUNK_BYTES = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # "number", "text", "bool", "list", "object"
+    doc: str
+    in_tables: bool = True  # a number the report's tables carry
+
+
+# Every field a record may have: the one declaration (the writer refuses any other key).
+RECORD_FIELDS = (
+    Field("schema_version", "number", "version of this layout (see the history above)", in_tables=False),
+    Field("run_id", "text", "one id per `attnbench run`"),
+    Field("case", "object", "the case key: bench.cases.Case.to_dict()"),
+    Field("status", "text", "one of STATUSES"),
+    Field("message", "text", "one line for anything not ok"),
+    Field("impl_info", "object", "the implementation's metadata: name, family, paper, complexities, exact, ..."),
+    Field("meta", "object", "optional, from other producers: time_complexity and memory_complexity"),
+    Field("env", "object", "the environment probe: host, CPU, GPU, versions, threads, matmul peaks, free memory"),
+    Field("median_s", "number", "median seconds per call"),
+    Field("iqr_s", "number", "interquartile range of the per-call samples"),
+    Field("min_s", "number", "fastest sample, seconds per call"),
+    Field("mean_s", "number", "mean of the samples, seconds per call"),
+    Field("samples", "list", "seconds per call, one value per sample"),
+    Field("n_samples", "number", "how many samples"),
+    Field("calls_per_sample", "number", "back-to-back calls timed as one sample"),
+    Field("noisy", "bool", "IQR / median above 0.1"),
+    Field("measured_s", "number", "seconds inside timed calls, warm-up included"),
+    Field("peak_bytes", "number", "allocator-level peak above what was resident before the call"),
+    Field("rss_peak_bytes", "number", "process RSS high-water mark during the call"),
+    Field("rss_before_bytes", "number", "process RSS before the call", in_tables=False),
+    Field("memory_method", "text", "how peak_bytes was measured"),
+    Field("flops", "number", "floating-point operations of one call"),
+    Field("achieved_flops_per_s", "number", "flops / median_s"),
+    Field("roofline", "number", "achieved FLOP/s over the matmul peak measured at the start of the run"),
+    Field("rel_error", "number", "||out - exact|| / ||exact|| on random inputs (float64 reference)"),
+    Field("rel_error_peaked", "number", "the same on inputs with peaked attention"),
+    Field("estimate_bytes", "number", "the memory the runner expected the case to need"),
+    Field("wall_s", "number", "seconds the worker spent on the case, set-up included"),
+)
+FIELD_NAMES = tuple(f.name for f in RECORD_FIELDS)
+# the numbers a record may carry, in the order the report's tables show them
+NUMERIC_FIELDS = tuple(f.name for f in RECORD_FIELDS if f.kind == "number" and f.in_tables)
 
 
 class ResultsError(Exception):
@@ -40,6 +91,12 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line_number}: {self.reason}; line skipped"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as the one-line ``message`` of a record."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def env_identity(env: dict[str, Any]) -> tuple:
@@ -62,19 +119,46 @@ def _sanitize(value: Any) -> Any:
 
 
 class ResultsWriter:
-    """Appends records to a JSONL file; each write is flushed and fsynced before it returns."""
+    """Appends records to a JSONL file under an exclusive lock; each write is flushed and fsynced.
+
+    Opening it checks everything a sweep needs before any case runs: the path is a regular file (or can
+    be created as one) and no other run holds its lock. If nothing was written by the time it closes,
+    it removes what it created (the file and the folders above it), so a refused or failed run leaves
+    nothing behind. Raises :class:`ResultsError` with one line.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - kept open for the sweep
-        self._file.seek(0, os.SEEK_END)
-        if self._file.tell() > 0:
-            self._file.seek(-1, os.SEEK_END)
-            last = self._file.read(1)
-            self._file.seek(0, os.SEEK_END)
-            if last != b"\n":  # a line cut by a kill: start the next record on a line of its own
-                self._write_bytes(b"\n")
+        self._written = False
+        try:
+            check_regular_file(self.path)
+            existed = self.path.exists()
+            self._created = make_parents(self.path)
+        except OutputError as exc:
+            raise ResultsError(str(exc)) from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            remove_created(self._created)
+            raise ResultsError(f"cannot write {self.path}: {reason(exc)}") from None
+        if not existed:
+            self._created.append(self.path)
+        self._file = os.fdopen(fd, "a+b")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.close()
+            remove_created(self._created)
+            raise ResultsError(
+                f"{self.path} is being written by another attnbench run: wait for it to end or choose another --out"
+            ) from None
+
+    def _ends_mid_line(self) -> bool:
+        size = self._file.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        self._file.seek(-1, os.SEEK_END)
+        return self._file.read(1) != b"\n"
 
     def _write_bytes(self, data: bytes) -> None:
         self._file.write(data)
@@ -82,11 +166,20 @@ class ResultsWriter:
         os.fsync(self._file.fileno())
 
     def write(self, record: dict[str, Any]) -> None:
+        unknown = set(record) - set(FIELD_NAMES)
+        if unknown:
+            raise ValueError(f"record fields not declared in RECORD_FIELDS: {', '.join(sorted(unknown))}")
         record = _sanitize({"schema_version": SCHEMA_VERSION, **record})
-        self._write_bytes((dumps(record) + "\n").encode())
+        line = (dumps(record) + "\n").encode()
+        if not self._written and self._ends_mid_line():  # a line cut by a kill: start on a line of its own
+            line = b"\n" + line
+        self._write_bytes(line)
+        self._written = True
 
     def close(self) -> None:
-        self._file.close()
+        self._file.close()  # releases the lock
+        if not self._written:
+            remove_created(self._created)
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -95,15 +188,36 @@ class ResultsWriter:
         self.close()
 
 
+def _read_lines(handle) -> Iterator[tuple[bytes, bool]]:
+    """(line, too_long) for each line; a line over MAX_LINE_BYTES is skipped in chunks, never held whole."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, False
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(_SKIP_CHUNK_BYTES)
+        yield b"", True
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, Problem | None]]:
     """(line number, record or None, problem or None) for each non-blank line."""
     path = Path(path)
+    try:
+        check_regular_file(path)
+    except OutputError as exc:
+        raise ResultsError(str(exc)) from None
     try:
         handle = open(path, "rb")  # noqa: SIM115
     except OSError as exc:
         raise ResultsError(f"cannot read {path}: {exc.strerror}") from None
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, (raw, too_long) in enumerate(_read_lines(handle), start=1):
+            if too_long:
+                yield number, None, Problem(str(path), number, f"line longer than {MAX_LINE_BYTES // 2**20} MiB")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -124,14 +238,10 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None,
             yield number, record, None
 
 
-def read_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """All valid records of the files, and the lines that were skipped."""
-    records: list[dict[str, Any]] = []
-    problems: list[Problem] = []
-    for path in paths:
-        for _, record, problem in iter_records(path):
-            if record is not None:
-                records.append(record)
-            if problem is not None:
-                problems.append(problem)
-    return records, problems
+def summarize_problems(problems: Iterable[object], *, limit: int = 10) -> list[str]:
+    """The skipped lines as warning lines, the first ``limit`` named and the rest counted."""
+    items = [str(p) for p in problems]
+    lines = [f"warning: {item}" for item in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"warning: {len(items) - limit} more lines skipped")
+    return lines

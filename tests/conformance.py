@@ -2,7 +2,7 @@
 
 Each takes an implementation name (or an ImplSpec) and raises AssertionError
 (or the implementation's own error) when the implementation breaks the
-contract of DESIGN.md section 2.
+contract (docs/ARCHITECTURE.md, the contract section).
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ class Aborts(_Fault):
         os.abort()
 
 
-@register("fault_oomkill")
-class KilledByTheKernel(_Fault):
-    """What the kernel's out-of-memory killer does to a process: SIGKILL."""
+@register("fault_sigkill")
+class KilledFromOutside(_Fault):
+    """SIGKILL, as ``kill -9`` sends it (and as the out-of-memory killer does, which the runner tells apart)."""
 
     def forward(self, q, k, v, *, causal=False):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""bench.report.analysis on synthetic results whose answers are known by construction.
+"""bench.report: loading, statistics and analyses on synthetic results whose answers are known by construction.
 
 The builders here (``make_record``, ``write_results``, ``synthetic_study``) are shared with
 test_report, test_compare and test_export.
@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from bench.report import analysis
+from bench.report import analysis, complexity, load
+from bench.report.stats import fit_power_law, student_t_cdf, student_t_ppf
 from bench.results import ResultsError, ResultsWriter
 
 ENV: dict[str, Any] = {
@@ -162,8 +163,8 @@ def synthetic_study(*, env: dict[str, Any] | None = None, full_oom_from: int = 1
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> analysis.Results:
-    return analysis.load_results([write_results(tmp_path / "study.jsonl", synthetic_study())])
+def study(tmp_path: Path) -> load.Results:
+    return load.load_results([write_results(tmp_path / "study.jsonl", synthetic_study())])
 
 
 def _row(table, **where) -> dict[str, Any]:
@@ -181,14 +182,14 @@ def test_student_t_matches_scipy() -> None:
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 3, 4, 5, 7, 10, 30, 101):
         for t in (-3.0, -0.5, 0.0, 0.7, 2.0, 6.0):
-            assert analysis.student_t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-10)
+            assert student_t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-10)
         for q in (0.6, 0.9, 0.975, 0.995):
-            assert analysis.student_t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-8)
-    assert analysis.student_t_ppf(0.025, 4) == pytest.approx(-stats.t.ppf(0.975, 4), rel=1e-8)
+            assert student_t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-8)
+    assert student_t_ppf(0.025, 4) == pytest.approx(-stats.t.ppf(0.975, 4), rel=1e-8)
 
 
 def test_power_fit_recovers_exponent_with_tight_interval() -> None:
-    fit = analysis.fit_power_law(list(LENGTHS), [full_time_s(n) for n in LENGTHS])
+    fit = fit_power_law(list(LENGTHS), [full_time_s(n) for n in LENGTHS])
     assert fit is not None
     assert fit.exponent == pytest.approx(2.0, abs=0.01)
     assert fit.low < 2.0 < fit.high
@@ -198,12 +199,12 @@ def test_power_fit_recovers_exponent_with_tight_interval() -> None:
 
 
 def test_power_fit_edge_cases() -> None:
-    assert analysis.fit_power_law([1024], [1.0]) is None
-    assert analysis.fit_power_law([1024, 1024], [1.0, 2.0]) is None
-    two = analysis.fit_power_law([1024, 2048], [1.0, 4.0])
+    assert fit_power_law([1024], [1.0]) is None
+    assert fit_power_law([1024, 1024], [1.0, 2.0]) is None
+    two = fit_power_law([1024, 2048], [1.0, 4.0])
     assert two is not None and two.exponent == pytest.approx(2.0)
     assert math.isnan(two.low) and math.isnan(two.high)
-    exact = analysis.fit_power_law([1, 2, 4, 8], [3.0, 6.0, 12.0, 24.0])
+    exact = fit_power_law([1, 2, 4, 8], [3.0, 6.0, 12.0, 24.0])
     assert exact is not None and exact.low == pytest.approx(1.0) and exact.high == pytest.approx(1.0)
 
 
@@ -232,7 +233,7 @@ def test_power_fit_edge_cases() -> None:
     ],
 )
 def test_complexity_exponent(text: str | None, exponent: float | None) -> None:
-    assert analysis.complexity_exponent(text) == exponent
+    assert complexity.complexity_exponent(text) == exponent
 
 
 # ---------------------------------------------------------------- loading
@@ -251,7 +252,7 @@ def test_load_checks_schema_and_reports_problems(tmp_path: Path) -> None:
         bad_case = make_record("full", 256, median_s=1e-3)
         bad_case["case"]["seq_len"] = -1
         handle.write(json.dumps({"schema_version": 1, **bad_case}) + "\n")
-    results = analysis.load_results([path])
+    results = load.load_results([path])
     assert len(results.frame) == 3 * len(LENGTHS)
     assert len(results.problems) == 4
     assert any("unknown status" in p for p in results.problems)
@@ -263,19 +264,19 @@ def test_load_rejects_other_schema_versions_and_empty_files(tmp_path: Path) -> N
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"schema_version": 99, **make_record("full", 256, median_s=1.0)}) + "\n")
     with pytest.raises(ResultsError, match="schema version 99"):
-        analysis.load_results([other])
+        load.load_results([other])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ResultsError, match="no usable result records"):
-        analysis.load_results([empty])
+        load.load_results([empty])
     with pytest.raises(ResultsError, match="cannot read"):
-        analysis.load_results([tmp_path / "missing.jsonl"])
+        load.load_results([tmp_path / "missing.jsonl"])
 
 
 def test_later_record_of_a_case_supersedes_earlier(tmp_path: Path) -> None:
     first = write_results(tmp_path / "a.jsonl", [make_record("full", 1024, median_s=1.0)])
     second = write_results(tmp_path / "b.jsonl", [make_record("full", 1024, median_s=2.0)])
-    results = analysis.load_results([first, second])
+    results = load.load_results([first, second])
     assert results.superseded == 1
     assert results.frame["median_s"].tolist() == [2.0]
 
@@ -283,7 +284,7 @@ def test_later_record_of_a_case_supersedes_earlier(tmp_path: Path) -> None:
 def test_environments_are_kept_apart(tmp_path: Path) -> None:
     other_env = {**ENV, "host": "otherhost", "num_threads": 16}
     records = synthetic_study() + [r for r in synthetic_study(env=other_env) if r["case"]["impl"] != "full"]
-    results = analysis.load_results([write_results(tmp_path / "mixed.jsonl", records)])
+    results = load.load_results([write_results(tmp_path / "mixed.jsonl", records)])
     assert len(results.env_ids) == 2
     assert len(results.environments) == 2
     assert set(results.environments["host"]) == {"testhost", "otherhost"}
@@ -291,7 +292,7 @@ def test_environments_are_kept_apart(tmp_path: Path) -> None:
     # one curve per impl and environment: the records of the two machines are never pooled
     assert len(an.exponents) == 3 + 2
     assert sorted(an.exponents.groupby("impl").size().to_dict().items()) == [("full", 1), ("linear", 2), ("sdpa", 2)]
-    other_id = analysis.env_id_of(other_env)
+    other_id = load.env_id_of(other_env)
     crossovers = an.crossovers[an.crossovers["env_id"] == other_id]
     # the other machine ran no `full`: nothing there is compared with this machine's `full`
     assert set(crossovers["baseline"]) == {"sdpa"}
@@ -300,8 +301,8 @@ def test_environments_are_kept_apart(tmp_path: Path) -> None:
 
 
 def test_env_id_is_stable_and_depends_on_identity_only() -> None:
-    assert analysis.env_id_of(ENV) == analysis.env_id_of({**ENV, "timestamp": "2030-01-01", "git_commit": "x"})
-    assert analysis.env_id_of(ENV) != analysis.env_id_of({**ENV, "torch_version": "2.4.0"})
+    assert load.env_id_of(ENV) == load.env_id_of({**ENV, "timestamp": "2030-01-01", "git_commit": "x"})
+    assert load.env_id_of(ENV) != load.env_id_of({**ENV, "torch_version": "2.4.0"})
 
 
 def test_complexity_sources(tmp_path: Path) -> None:
@@ -312,11 +313,11 @@ def test_complexity_sources(tmp_path: Path) -> None:
         make_record("metaimpl", 2048, median_s=2.0, impl_info=False, meta={"time_complexity": "O(n w d)"}),
     ]
     path = write_results(tmp_path / "c.jsonl", records)
-    exponents = analysis.exponent_table(analysis.load_results([path]).frame)
+    exponents = analysis.exponent_table(load.load_results([path]).frame)
     assert math.isnan(_row(exponents, impl="mystery")["time_theory"])
     assert _row(exponents, impl="metaimpl")["time_theory"] == 1.0
     mapping = {"mystery": {"time_complexity": "O(n^2 d)", "memory_complexity": "O(n^2)"}}
-    exponents = analysis.exponent_table(analysis.load_results([path], complexities=mapping).frame)
+    exponents = analysis.exponent_table(load.load_results([path], complexities=mapping).frame)
     assert _row(exponents, impl="mystery")["time_theory"] == 2.0
     assert _row(exponents, impl="mystery")["memory_complexity"] == "O(n^2)"
 
@@ -324,7 +325,7 @@ def test_complexity_sources(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- tables
 
 
-def test_exponents_beside_theory(study: analysis.Results) -> None:
+def test_exponents_beside_theory(study: load.Results) -> None:
     exponents = analysis.exponent_table(study.frame)
     full = _row(exponents, impl="full")
     assert full["time_exponent"] == pytest.approx(2.0, abs=0.02)
@@ -343,7 +344,7 @@ def test_exponents_beside_theory(study: analysis.Results) -> None:
 def test_fit_range_excludes_overhead_dominated_lengths(tmp_path: Path) -> None:
     # below 1024 a fixed 1 ms overhead dominates; from 1024 on, t = 1e-9 n^2
     records = [make_record("full", n, median_s=(1e-3 if n < 1024 else 1e-9 * n * n) * WOBBLE[n]) for n in LENGTHS]
-    frame = analysis.load_results([write_results(tmp_path / "o.jsonl", records)]).frame
+    frame = load.load_results([write_results(tmp_path / "o.jsonl", records)]).frame
     default = _row(analysis.exponent_table(frame), impl="full")
     assert default["time_exponent"] == pytest.approx(2.0, abs=0.05)
     everything = _row(analysis.exponent_table(frame, min_seq_len=1), impl="full")
@@ -364,7 +365,7 @@ def test_crossover_function() -> None:
     assert analysis.crossover([], []).text() == "no common lengths"
 
 
-def test_crossovers_known_by_construction(study: analysis.Results) -> None:
+def test_crossovers_known_by_construction(study: load.Results) -> None:
     table = analysis.crossover_table(study.frame)
     linear_full = _row(table, impl="linear", baseline="full")
     # t_linear / t_full = 2000 / (n * wobble): the crossing lies between 1024 and 2048, near 2000
@@ -377,7 +378,7 @@ def test_crossovers_known_by_construction(study: analysis.Results) -> None:
     assert table[(table["impl"] == "full") & (table["baseline"] == "full")].empty
 
 
-def test_speedups(study: analysis.Results) -> None:
+def test_speedups(study: load.Results) -> None:
     speedups = analysis.speedup_table(study.frame)
     sdpa = speedups[(speedups["impl"] == "sdpa") & (speedups["seq_len"] <= 8192)]
     assert sdpa["speedup_vs_full"].tolist() == pytest.approx([2.0] * 6)
@@ -385,7 +386,7 @@ def test_speedups(study: analysis.Results) -> None:
     assert math.isnan(_row(speedups, impl="sdpa", seq_len=16384)["speedup_vs_full"])  # full OOM there
 
 
-def test_roofline_and_errors(study: analysis.Results) -> None:
+def test_roofline_and_errors(study: load.Results) -> None:
     roofline = analysis.roofline_table(study.frame)
     row = _row(roofline, impl="full", seq_len=1024)
     assert row["roofline"] == pytest.approx(row["achieved_flops_per_s"] / row["peak_flops_per_s"])
@@ -394,13 +395,13 @@ def test_roofline_and_errors(study: analysis.Results) -> None:
     assert _row(errors, seq_len=1024)["rel_error_peaked"] == pytest.approx(3 * (0.05 + 1024e-6))
 
 
-def test_stop_points(study: analysis.Results) -> None:
+def test_stop_points(study: load.Results) -> None:
     stops = analysis.stop_points(study.frame)
     row = _row(stops, impl="full")
     assert (row["seq_len"], row["status_label"], row["last_ok_seq_len"]) == (16384, "OOM", 8192)
 
 
-def test_memory_budget(study: analysis.Results) -> None:
+def test_memory_budget(study: load.Results) -> None:
     exponents = analysis.exponent_table(study.frame)
     # full needs 32 n^2 bytes: 2 GiB holds n = 8192 (measured), not 16384 (OOM there anyway)
     budget = analysis.budget_table(study.frame, exponents, budget_bytes=2 * 2**30)
@@ -437,7 +438,7 @@ def test_backward_ratio_and_layers(tmp_path: Path) -> None:
                 )
             )
     records.append(make_record("full", 4096, scope="layers", depth=4, status="timeout"))
-    frame = analysis.load_results([write_results(tmp_path / "l.jsonl", records)]).frame
+    frame = load.load_results([write_results(tmp_path / "l.jsonl", records)]).frame
     ratio = analysis.backward_ratio_table(frame)
     attention = ratio[ratio["scope"] == "attention"]
     assert attention["fwd_bwd_over_fwd"].tolist() == pytest.approx([3.0, 3.0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attention_impls import get
-from bench.measure.worker import PEAKED_SCORE_STD, approximation_errors, exact_reference, peaked_scale
+from bench.measure.accuracy import PEAKED_SCORE_STD, approximation_errors, exact_reference, peaked_scale
 from reference import reference_attention, rel_error
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cases import Case, GridError, expand_grid, parse_param_overrides, parse_seq_lens
+from bench.cases import Case, GridError, GridRequest, expand_grid, parse_param_overrides, parse_seq_lens
 
 
 @pytest.mark.parametrize(
@@ -46,9 +46,20 @@ def test_case_validates() -> None:
 
 
 def test_param_overrides() -> None:
-    assert parse_param_overrides(["linformer.k=128", "linformer.share_kv=true"]) == {
-        "linformer": {"k": "128", "share_kv": "true"}
-    }
+    request = GridRequest(
+        impls=("*",),
+        seq_lens=(64,),
+        dtypes=("float32",),
+        modes=("fwd",),
+        batch=1,
+        heads=1,
+        head_dim=8,
+        causal=False,
+        scope="attention",
+        depths=(1,),
+        params=parse_param_overrides(["linformer.k=128", "linformer.share_kv=true"]),
+    )
+    assert request.overrides() == {"linformer": {"k": "128", "share_kv": "true"}}
     with pytest.raises(GridError):
         parse_param_overrides(["linformer.k"])
 

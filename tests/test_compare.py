@@ -14,7 +14,8 @@ from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, jittered, make_record, write_results
 
 from bench.report import compare
-from bench.report.analysis import load_results
+from bench.report.load import load_results
+from bench.report.stats import geometric_mean, mann_whitney_u
 
 
 def run_records(scale: dict[str, float] | None = None, *, env: dict | None = None, memory: float = 1.0) -> list[dict]:
@@ -45,27 +46,27 @@ def test_mann_whitney_matches_scipy() -> None:
         digits = rng.choice([1, 2, 6])  # rounding makes ties
         x = [round(rng.gauss(0, 1), digits) for _ in range(n1)]
         y = [round(rng.gauss(shift, 1), digits) for _ in range(n2)]
-        ours = compare.mann_whitney_u(x, y)
+        ours = mann_whitney_u(x, y)
         theirs = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
         assert ours.u == pytest.approx(float(theirs.statistic)), trial
         assert ours.p_value == pytest.approx(float(theirs.pvalue), rel=1e-9, abs=1e-12), trial
 
 
 def test_mann_whitney_edge_cases() -> None:
-    assert compare.mann_whitney_u([1.0, 1.0, 1.0], [1.0, 1.0]).p_value == 1.0
+    assert mann_whitney_u([1.0, 1.0, 1.0], [1.0, 1.0]).p_value == 1.0
     same = jittered(1e-3)
-    assert compare.mann_whitney_u(same, same).p_value == pytest.approx(1.0)
-    assert compare.mann_whitney_u(jittered(1e-3), jittered(2e-3)).p_value < 1e-3
+    assert mann_whitney_u(same, same).p_value == pytest.approx(1.0)
+    assert mann_whitney_u(jittered(1e-3), jittered(2e-3)).p_value < 1e-3
     with pytest.raises(ValueError):
-        compare.mann_whitney_u([], [1.0])
+        mann_whitney_u([], [1.0])
 
 
 def test_geometric_mean() -> None:
     import pandas as pd
 
-    assert compare.geometric_mean(pd.Series([2.0, 0.5])) == pytest.approx(1.0)
-    assert compare.geometric_mean(pd.Series([4.0, float("nan"), 1.0])) == pytest.approx(2.0)
-    assert math.isnan(compare.geometric_mean(pd.Series([], dtype=float)))
+    assert geometric_mean(pd.Series([2.0, 0.5])) == pytest.approx(1.0)
+    assert geometric_mean(pd.Series([4.0, float("nan"), 1.0])) == pytest.approx(2.0)
+    assert math.isnan(geometric_mean(pd.Series([], dtype=float)))
 
 
 # ---------------------------------------------------------------- comparisons

@@ -15,7 +15,7 @@ from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, make_record, synthetic_study, write_results
 
 from bench.report import export
-from bench.report.analysis import load_results
+from bench.report.load import load_results
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attention_impls.local  # noqa: F401  (registers "local")
 from attention_impls import get
 from attention_impls.local import LocalAttention, LocalConfig, auto_block_size
 from conformance import make_qkv
@@ -124,7 +123,7 @@ def test_bad_config_is_rejected_clearly():
     assert "kernel" in LocalAttention.unsupported_reason(
         LocalConfig(kernel="triton"), seq_len=8, head_dim=16, causal=False, device="cpu", dtype=torch.float32
     )
-    with pytest.raises(AssertionError, match="window"):
+    with pytest.raises(ValueError, match="window"):
         LocalAttention(LocalConfig(window=-1), seq_len=8, heads=1, head_dim=4)
 
 

@@ -11,9 +11,10 @@ from bench.cases import Case
 from bench.measure.memory import measure_peak
 from bench.measure.timing import summarize, time_callable
 from bench.measure.worker import run_case
+from bench.options import MeasureOptions
 
 MiB = 2**20
-QUICK = {"min_time_s": 0.0, "min_samples": 5}
+QUICK = MeasureOptions(min_time_s=0.0, min_samples=5)
 
 
 def test_summarize_statistics() -> None:

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import attention_impls.reformer  # noqa: F401  (registers "reformer" until it joins the built-in list)
 import conformance
 from attention_impls import get
-from attention_impls.reformer import MAX_SINGLE_ROTATION, ReformerAttention, auto_n_buckets, bucket_factors
+from attention_impls.lsh import MAX_SINGLE_ROTATION, auto_n_buckets, bucket_factors
+from attention_impls.reformer import ReformerAttention
 from reference import reference_attention, rel_error
 
 HEADS = 2

@@ -11,8 +11,9 @@ import pytest
 from cli_helpers import ROOT, attnbench
 from test_analysis import ENV, make_record, synthetic_study, write_results
 
-from bench.report import plots
-from bench.report.markdown import ReportOptions, fmt_sig, markdown_table, write_report
+from bench.report import plot_style
+from bench.report.formatting import fmt_sig, markdown_table
+from bench.report.markdown import ReportOptions, write_report
 
 FIGURE_STEMS = ("time_vs_seq_len", "memory_vs_seq_len", "fwd_bwd_ratio", "layers_memory_vs_depth", "speed_vs_error")
 
@@ -143,8 +144,8 @@ def test_report_leaves_no_stale_figures(results_file: Path, tmp_path: Path) -> N
 
 
 def test_palette_is_stable() -> None:
-    palette = plots.impl_palette(["sdpa", "full", "linear"])
-    assert palette == plots.impl_palette(["linear", "sdpa", "full", "full"])
+    palette = plot_style.impl_palette(["sdpa", "full", "linear"])
+    assert palette == plot_style.impl_palette(["linear", "sdpa", "full", "full"])
     assert len(set(palette.values())) == 3
 
 
@@ -234,6 +235,24 @@ def test_report_runs_without_torch(results_file: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert not marker.exists(), "something tried to import torch"
     assert (out / "README.md").exists() and (out / "figures" / "time_vs_seq_len.svg").exists()
+
+
+def test_report_modules_never_import_torch() -> None:
+    """Every module of bench/report (found with pkgutil: a new one is covered too), with bench.cases and
+    bench.results, imports without torch."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import bench.report\n"
+        "names = ['bench.cases', 'bench.results']\n"
+        "names += [m.name for m in pkgutil.iter_modules(bench.report.__path__, 'bench.report.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(len(names))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 2 + 10  # bench.cases, bench.results and the modules of bench/report
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ EXPECTED = {
     "fault_hang": ("timeout", "time-out"),
     "fault_hog": ("oom", "allocate"),
     "fault_abort": ("crashed", "SIGABRT"),
-    "fault_oomkill": ("oom", "SIGKILL"),
+    # SIGKILL from outside: not the kernel's out-of-memory killer (its oom_kill count does not move)
+    "fault_sigkill": ("crashed", "SIGKILL from outside"),
 }
 
 
@@ -59,3 +60,25 @@ def test_budget_skips_with_the_estimate(tmp_path) -> None:
     assert records[65536]["status"] == "skipped"
     assert "exceeds the budget of 1.00 GiB" in records[65536]["message"]
     assert "estimated" in records[65536]["message"]
+
+
+def test_death_by_sigkill_is_oom_only_when_the_kernel_counted_an_oom_kill() -> None:
+    from bench.measure.process import classify_death
+
+    oom = classify_death(-9, oom_kills_before=3, oom_kills_after=4)
+    outside = classify_death(-9, oom_kills_before=3, oom_kills_after=3)
+    uncounted = classify_death(-9, oom_kills_before=None, oom_kills_after=None)
+    assert (oom.status, outside.status, uncounted.status) == ("oom", "crashed", "crashed")
+    assert "out-of-memory killer" in oom.message
+    assert "from outside" in outside.message
+    assert classify_death(-6, oom_kills_before=0, oom_kills_after=0).message == "worker died with SIGABRT"
+    assert classify_death(3, oom_kills_before=0, oom_kills_after=0).message == "worker exited with code 3"
+
+
+def test_oom_kill_count_reads_vmstat(tmp_path) -> None:
+    from bench.measure.process import oom_kill_count
+
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgfault 10\noom_kill 7\n")
+    assert oom_kill_count(vmstat) == 7
+    assert oom_kill_count(tmp_path / "missing") is None

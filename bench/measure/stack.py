@@ -36,7 +36,6 @@ from attention_impls.registry import ImplSpec
 from bench.cases import RESIDUALS
 
 __all__ = [
-    "RESIDUALS",
     "AttentionSublayer",
     "FeedForward",
     "TransformerStack",

@@ -88,8 +88,8 @@ def _time_calls(fn: Callable[[], object], number: int) -> float:
 def time_callable(
     fn: Callable[[], object],
     *,
-    min_time_s: float = 0.5,
-    min_samples: int = 5,
+    min_time_s: float,
+    min_samples: int,
     num_threads: int = 1,
     warmup_calls: int = 1,
 ) -> TimingStats:

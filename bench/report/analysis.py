@@ -1,461 +1,33 @@
-"""Analysis of results files: scaling exponents, crossovers, speedups, roofline, memory budgets, errors.
+"""The analyses of a report, one table each: scaling exponents, crossovers, speedups, roofline, backward
+ratio, errors, layer stacks, memory budgets and where curves stopped; :func:`analyze` runs them all.
 
-Everything here works on a pandas DataFrame with one row per (environment, case)
-and never imports torch: reports are rebuilt from ``results/`` alone.
-
-Environments are never silently merged. Every record gets an ``env_id`` (a short
-hash of :func:`bench.results.env_identity`), and every grouping in this module
-includes it: a curve (all the lengths of one implementation at one shape, mode,
-device, dtype and scope) lives in exactly one environment.
-
-A case measured more than once in the same environment (a ``--force`` or
-``--retry-failed`` run, or the same file given twice) keeps its latest record:
-files in the order given, lines in file order; the number replaced is reported.
+Everything works on the frame of :func:`bench.report.load.load_results` and groups by curve, so environments
+are never merged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from bench.cases import Case, GridError
-from bench.results import STATUSES, ResultsError, env_identity, iter_records
-
-# every field but seq_len: the points of one scaling curve share these (env_id first: never merge environments)
-CURVE_COLUMNS = (
-    "env_id",
-    "scope",
-    "device",
-    "dtype",
-    "causal",
-    "mode",
-    "batch",
-    "heads",
-    "head_dim",
-    "depth",
-    "residual",
-    "impl",
-    "params",
+from bench.report.complexity import complexity_exponent
+from bench.report.defaults import (
+    DEFAULT_BASELINES,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_MIN_FIT_SEQ_LEN,
 )
-# a curve without its implementation: curves that share these can be compared with each other
-PEER_COLUMNS = tuple(c for c in CURVE_COLUMNS if c not in ("impl", "params"))
-BASELINES = ("full", "sdpa")
-STATUS_LABELS = {"oom": "OOM", "timeout": "timeout", "skipped": "skipped", "error": "error", "crashed": "crashed"}
-DEFAULT_MIN_FIT_SEQ_LEN = 1024
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_MEMORY_BUDGET_BYTES = 16 * 2**30
+from bench.report.load import CURVE_COLUMNS, PEER_COLUMNS, STATUS_LABELS, Results, iter_curves, ok_rows
+from bench.report.stats import PowerFit, fit_power_law
+
 MAX_EXTRAPOLATION = 32  # a memory fit is not trusted beyond this multiple of the longest measured length
-_NUMERIC_FIELDS = (
-    "median_s",
-    "iqr_s",
-    "min_s",
-    "mean_s",
-    "n_samples",
-    "calls_per_sample",
-    "measured_s",
-    "peak_bytes",
-    "rss_peak_bytes",
-    "flops",
-    "achieved_flops_per_s",
-    "roofline",
-    "rel_error",
-    "rel_error_peaked",
-    "estimate_bytes",
-    "wall_s",
-)
 
 
-# ---------------------------------------------------------------- statistics (no scipy: it is not a runtime dependency)
-
-
-def student_t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with an integer number of degrees of freedom (Abramowitz & Stegun 26.7.3-4)."""
-    if df < 1 or int(df) != df:
-        raise ValueError(f"df must be a positive integer, got {df!r}")
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    theta = math.atan(abs(t) / math.sqrt(df))
-    cos2 = math.cos(theta) ** 2
-    if df % 2 == 1:
-        series, term = 0.0, 1.0
-        if df > 1:
-            series = 1.0
-            for k in range(1, (df - 3) // 2 + 1):
-                term *= cos2 * (2 * k) / (2 * k + 1)
-                series += term
-        two_sided = 2.0 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
-    else:
-        series, term = 1.0, 1.0
-        for k in range(1, (df - 2) // 2 + 1):
-            term *= cos2 * (2 * k - 1) / (2 * k)
-            series += term
-        two_sided = math.sin(theta) * series
-    two_sided = min(1.0, max(0.0, two_sided))
-    return 0.5 + 0.5 * two_sided if t >= 0 else 0.5 - 0.5 * two_sided
-
-
-def student_t_ppf(probability: float, df: int) -> float:
-    """The ``probability`` quantile of Student's t (bisection on :func:`student_t_cdf`)."""
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability must be in (0, 1), got {probability!r}")
-    if probability < 0.5:
-        return -student_t_ppf(1.0 - probability, df)
-    low, high = 0.0, 1.0
-    while student_t_cdf(high, df) < probability:
-        high *= 2.0
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if student_t_cdf(middle, df) < probability:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-12 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
-
-
-@dataclasses.dataclass(frozen=True)
-class PowerFit:
-    """``value = exp(intercept) * seq_len ** exponent``, fitted by least squares in log-log space."""
-
-    exponent: float
-    low: float  # confidence interval of the exponent (NaN with only two points)
-    high: float
-    intercept: float  # natural log of the prefactor
-    n_points: int
-    min_seq_len: int
-    max_seq_len: int
-
-    def predict(self, seq_len: float) -> float:
-        return math.exp(self.intercept + self.exponent * math.log(seq_len))
-
-    def solve(self, value: float) -> float:
-        """The length at which the fitted curve reaches ``value`` (NaN for a flat fit)."""
-        if self.exponent <= 0:
-            return math.nan
-        return math.exp((math.log(value) - self.intercept) / self.exponent)
-
-
-def fit_power_law(
-    seq_lens: Sequence[float], values: Sequence[float], *, confidence: float = DEFAULT_CONFIDENCE
-) -> PowerFit | None:
-    """Fit ``log value = a + k log seq_len``; the interval of ``k`` is its standard error times a t-quantile.
-
-    Points with a non-positive value are dropped. None when fewer than two distinct lengths remain.
-    """
-    pairs = sorted((float(n), float(v)) for n, v in zip(seq_lens, values, strict=True) if n > 0 and v > 0)
-    if len({n for n, _ in pairs}) < 2:
-        return None
-    x = np.log([n for n, _ in pairs])
-    y = np.log([v for _, v in pairs])
-    x_mean = x.mean()
-    sxx = float(((x - x_mean) ** 2).sum())
-    slope = float(((x - x_mean) * (y - y.mean())).sum() / sxx)
-    intercept = float(y.mean() - slope * x_mean)
-    dof = len(pairs) - 2
-    if dof >= 1:
-        residuals = y - (intercept + slope * x)
-        stderr = math.sqrt(float((residuals**2).sum()) / dof / sxx)
-        half = student_t_ppf(0.5 + confidence / 2.0, dof) * stderr
-        low, high = slope - half, slope + half
-    else:
-        low = high = math.nan
-    return PowerFit(
-        exponent=slope,
-        low=low,
-        high=high,
-        intercept=intercept,
-        n_points=len(pairs),
-        min_seq_len=int(pairs[0][0]),
-        max_seq_len=int(pairs[-1][0]),
-    )
-
-
-# ---------------------------------------------------------------- complexity strings
-
-_SUPERSCRIPTS = str.maketrans({"²": "^2", "³": "^3", "·": " ", "×": " ", "*": " ", "⋅": " "})
-_TOKEN = re.compile(r"([A-Za-z_]\w*)\s*(?:\^\s*\{?\(?\s*([0-9]*\.?[0-9]+(?:\s*/\s*[0-9]+)?)\s*\)?\}?)?")
-
-
-def complexity_exponent(text: str | None) -> float | None:
-    """The exponent of ``n`` in a big-O string, ignoring logarithms and other symbols; None if unparseable.
-
-    ``"O(n^2 d)"`` -> 2, ``"O(n w d)"`` -> 1, ``"O(n k d)"`` -> 1, ``"O(n d^2)"`` -> 1, ``"O(n log n)"`` -> 1,
-    ``"O(n^2 + n d)"`` -> 2 (the largest term), ``"O(n sqrt(n))"`` -> 1.5, ``"O(1)"`` -> 0.
-    """
-    if not isinstance(text, str):
-        return None
-    match = re.fullmatch(r"\s*O\s*\((.*)\)\s*", text)
-    if not match:
-        return None
-    inner = match.group(1).translate(_SUPERSCRIPTS)
-    inner = re.sub(r"\blog\s*_?\d*\s*\(?\s*n\s*\)?", " ", inner)  # log n, log(n), log2 n: no power of n
-    inner = re.sub(r"\bsqrt\s*\(\s*n\s*\)", "n^0.5", inner)
-    exponents = []
-    for term in inner.split("+"):
-        exponent = 0.0
-        for name, power in _TOKEN.findall(term):
-            if name == "n":
-                exponent += _parse_power(power)
-        exponents.append(exponent)
-    return max(exponents)
-
-
-def _parse_power(text: str) -> float:
-    if not text:
-        return 1.0
-    if "/" in text:
-        numerator, denominator = text.split("/")
-        return float(numerator) / float(denominator)
-    return float(text)
-
-
-# ---------------------------------------------------------------- loading
-
-
-@dataclasses.dataclass(frozen=True)
-class Results:
-    """The records of one or more results files, one row per (environment, case)."""
-
-    frame: pd.DataFrame
-    environments: pd.DataFrame  # one row per env_id
-    paths: tuple[str, ...]
-    problems: tuple[str, ...]  # lines skipped, one sentence each
-    superseded: int  # records replaced by a later record of the same case in the same environment
-
-    @property
-    def env_ids(self) -> list[str]:
-        return sorted(self.environments["env_id"])
-
-
-def env_id_of(env: Mapping[str, Any]) -> str:
-    """A short, stable name for an environment identity: the same machine setup always gets the same id."""
-    identity = json.dumps(list(env_identity(dict(env))), sort_keys=True, default=str)
-    return hashlib.sha1(identity.encode()).hexdigest()[:8]
-
-
-def env_label(env: Mapping[str, Any]) -> str:
-    """The identity fields in words, e.g. ``vm · Intel Xeon · torch 2.3.0 · 8 threads``."""
-    parts = [str(env.get("host")), str(env.get("cpu_model"))]
-    if env.get("gpu_name"):
-        parts.append(str(env["gpu_name"]))
-    parts.append(f"torch {env.get('torch_version')}")
-    parts.append(f"{env.get('num_threads')} threads")
-    return " · ".join(parts)
-
-
-def params_text(params: Mapping[str, Any]) -> str:
-    """An implementation's config as ``k=v,k2=v2`` (sorted; empty for the defaults)."""
-    return ",".join(f"{name}={params[name]}" for name in sorted(params))
-
-
-def record_problem(record: Mapping[str, Any]) -> str | None:
-    """Why a record does not meet the schema (None when it does)."""
-    if record.get("status") not in STATUSES:
-        return f"unknown status {record.get('status')!r}"
-    if not isinstance(record.get("case"), dict):
-        return "case is not an object"
-    try:
-        Case.from_dict(record["case"])
-    except (GridError, TypeError) as exc:
-        return f"invalid case ({exc})"
-    if not isinstance(record.get("env", {}), dict):
-        return "env is not an object"
-    for field in _NUMERIC_FIELDS:
-        value = record.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return f"{field} is not a number"
-    if record["status"] == "ok":
-        median = record.get("median_s")
-        if median is None or not median > 0:
-            return "status ok without a positive median_s"
-    samples = record.get("samples")
-    if samples is not None and (
-        not isinstance(samples, list)
-        or not all(isinstance(s, int | float) and not isinstance(s, bool) for s in samples)
-    ):
-        return "samples is not a list of numbers"
-    return None
-
-
-def _complexity(
-    record: Mapping[str, Any], impl: str, complexities: Mapping[str, Mapping[str, str]] | None
-) -> tuple[str | None, str | None]:
-    """Time and memory complexity strings: the mapping given, else the record's impl_info, else its meta."""
-    for source in ((complexities or {}).get(impl), record.get("impl_info"), record.get("meta")):
-        if isinstance(source, Mapping):
-            time_text = source.get("time_complexity", source.get("time"))
-            memory_text = source.get("memory_complexity", source.get("memory"))
-            if time_text or memory_text:
-                return time_text, memory_text
-    return None, None
-
-
-def record_row(
-    record: Mapping[str, Any],
-    *,
-    path: str,
-    line_number: int,
-    complexities: Mapping[str, Mapping[str, str]] | None = None,
-) -> dict[str, Any]:
-    """One flat row of the analysis frame for a valid record."""
-    case = Case.from_dict(record["case"])
-    env = record.get("env") or {}
-    peaks = env.get("peak_flops_per_s") or {}
-    time_text, memory_text = _complexity(record, case.impl, complexities)
-    raw_info = record.get("impl_info")
-    info: Mapping[str, Any] = raw_info if isinstance(raw_info, Mapping) else {}
-    row: dict[str, Any] = {
-        "env_id": env_id_of(env),
-        "scope": case.scope,
-        "device": case.device,
-        "dtype": case.dtype,
-        "causal": case.causal,
-        "mode": case.mode,
-        "batch": case.batch,
-        "heads": case.heads,
-        "head_dim": case.head_dim,
-        "depth": case.depth,
-        "residual": case.residual,
-        "impl": case.impl,
-        "params": params_text(case.params_dict()),
-        "seq_len": case.seq_len,
-        "case_key": case.key(),
-        "status": record["status"],
-        "message": record.get("message"),
-        "samples": list(record.get("samples") or []),
-        "noisy": record.get("noisy"),
-        "memory_method": record.get("memory_method"),
-        "peak_flops_per_s": peaks.get(f"{case.device}/{case.dtype}"),
-        "time_complexity": time_text,
-        "memory_complexity": memory_text,
-        "exact": info.get("exact"),
-        "run_id": record.get("run_id"),
-        "git_commit": env.get("git_commit"),
-        "timestamp": env.get("timestamp"),
-        "source_path": path,
-        "line_number": line_number,
-    }
-    for field in _NUMERIC_FIELDS:
-        value = record.get(field)
-        row[field] = float(value) if value is not None else math.nan
-    return row
-
-
-def _environment_row(env: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "env_id": env_id_of(env),
-        "label": env_label(env),
-        "host": env.get("host"),
-        "cpu_model": env.get("cpu_model"),
-        "gpu_name": env.get("gpu_name"),
-        "torch_version": env.get("torch_version"),
-        "num_threads": env.get("num_threads"),
-        "python_version": env.get("python_version"),
-        "cuda_version": env.get("cuda_version"),
-        "platform": env.get("platform"),
-        "cpu_cores_logical": env.get("cpu_cores_logical"),
-    }
-
-
-def load_results(
-    paths: Iterable[str | Path], *, complexities: Mapping[str, Mapping[str, str]] | None = None
-) -> Results:
-    """Read and check results files; raises :class:`ResultsError` when none of them holds a usable record.
-
-    ``complexities`` maps an implementation name to ``{"time_complexity": "O(n^2 d)", "memory_complexity":
-    "O(n^2)"}``; it overrides what the records carry (``impl_info``, or an optional ``meta`` object).
-    """
-    names = [str(p) for p in paths]
-    rows: list[dict[str, Any]] = []
-    problems: list[str] = []
-    envs: dict[str, dict[str, Any]] = {}
-    for path in names:
-        for line_number, record, problem in iter_records(path):
-            if problem is not None:
-                problems.append(str(problem))
-                continue
-            assert record is not None
-            reason = record_problem(record)
-            if reason is not None:
-                problems.append(f"{path}:{line_number}: {reason}; line skipped")
-                continue
-            rows.append(record_row(record, path=path, line_number=line_number, complexities=complexities))
-            env = record.get("env") or {}
-            envs.setdefault(env_id_of(env), _environment_row(env))
-    if not rows:
-        raise ResultsError(f"no usable result records in {', '.join(names)}")
-    frame = pd.DataFrame(rows)
-    before = len(frame)
-    frame = frame.drop_duplicates(subset=["env_id", "case_key"], keep="last")
-    frame = _with_labels(frame)
-    frame = frame.sort_values([*CURVE_COLUMNS, "seq_len"], kind="stable").reset_index(drop=True)
-    environments = pd.DataFrame(sorted(envs.values(), key=lambda row: row["env_id"]))
-    environments = _environment_summary(environments, frame)
-    return Results(
-        frame=frame,
-        environments=environments,
-        paths=tuple(names),
-        problems=tuple(problems),
-        superseded=before - len(frame),
-    )
-
-
-def _with_labels(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(
-        label=[curve_label(impl, params) for impl, params in zip(frame["impl"], frame["params"], strict=True)]
-    )
-
-
-def _environment_summary(environments: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
-    """Per environment: record count, git commits and the span of run timestamps (all from the records)."""
-    extra = []
-    for env_id in environments["env_id"]:
-        rows = frame[frame["env_id"] == env_id]
-        stamps = sorted(str(t) for t in rows["timestamp"].dropna().unique())
-        commits = sorted(str(c) for c in rows["git_commit"].dropna().unique())
-        peaks = sorted(
-            f"{device}/{dtype}={peak:.3g}"
-            for (device, dtype), peak in rows.groupby(["device", "dtype"])["peak_flops_per_s"].first().items()
-            if pd.notna(peak)
-        )
-        extra.append(
-            {
-                "records": len(rows),
-                "git_commits": ",".join(commits),
-                "first_timestamp": stamps[0] if stamps else None,
-                "last_timestamp": stamps[-1] if stamps else None,
-                "peak_flops_per_s": ",".join(peaks),
-            }
-        )
-    return pd.concat([environments.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
-
-
-def curve_label(impl: str, params: str) -> str:
-    """How a curve is named in tables and legends: the impl, with its non-default config in brackets."""
-    return f"{impl}[{params}]" if params else impl
-
-
-# ---------------------------------------------------------------- per-curve helpers
-
-
-def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[frame["status"] == "ok"]
-
-
-def iter_curves(frame: pd.DataFrame) -> Iterable[tuple[tuple, pd.DataFrame]]:
-    """(curve key, its rows sorted by length) in sorted order."""
-    for key, rows in frame.groupby(list(CURVE_COLUMNS), sort=True):
-        yield key, rows.sort_values("seq_len")
+# ---------------------------------------------------------------- where curves stopped
 
 
 def _curve_dict(key: tuple) -> dict[str, Any]:
@@ -581,7 +153,7 @@ def _baseline_curves(frame: pd.DataFrame, baseline: str) -> dict[tuple, pd.DataF
     return found
 
 
-def speedup_table(frame: pd.DataFrame, *, baselines: Sequence[str] = BASELINES) -> pd.DataFrame:
+def speedup_table(frame: pd.DataFrame, *, baselines: Sequence[str] = DEFAULT_BASELINES) -> pd.DataFrame:
     """Per ok case: its median and, for each baseline, the baseline's median at that length and their ratio.
 
     ``speedup_vs_<b> = median_s(b) / median_s(impl)``: above 1 the implementation is faster than the baseline.
@@ -635,7 +207,7 @@ def crossover(seq_lens: Sequence[float], ratios: Sequence[float]) -> Crossover:
     return Crossover("at", math.exp(math.log(n0) + fraction * (math.log(n1) - math.log(n0))))
 
 
-def crossover_table(frame: pd.DataFrame, *, baselines: Sequence[str] = BASELINES) -> pd.DataFrame:
+def crossover_table(frame: pd.DataFrame, *, baselines: Sequence[str] = DEFAULT_BASELINES) -> pd.DataFrame:
     """Per curve and baseline: the crossover length, the common range, and where only the curve still ran."""
     rows = []
     for baseline in baselines:
@@ -804,7 +376,7 @@ def analyze(
     max_fit_seq_len: int | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
-    baselines: Sequence[str] = BASELINES,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
 ) -> Analysis:
     """Every table of the report for ``results``."""
     frame = results.frame

@@ -9,8 +9,7 @@ drifts of 1% between two runs on a shared machine; ``min_change`` keeps those ap
 changes worth reading. A *significant regression* is a case whose new median is above ``fail_above``
 times the base median with a p-value below ``alpha``.
 
-The Mann–Whitney test is implemented here (normal approximation with tie and continuity corrections,
-as ``scipy.stats.mannwhitneyu(method="asymptotic")``): scipy is not a runtime dependency.
+The statistics (the Mann–Whitney test, geometric means) come from :mod:`bench.report.stats`.
 """
 
 from __future__ import annotations
@@ -22,66 +21,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.analysis import CURVE_COLUMNS, Results, curve_label, load_results
+from bench.report.defaults import DEFAULT_ALPHA, DEFAULT_MIN_CHANGE
+from bench.report.load import CURVE_COLUMNS, Results, curve_label, load_results
+from bench.report.stats import geometric_mean, mann_whitney_u
 
-DEFAULT_ALPHA = 0.05
-DEFAULT_MIN_CHANGE = 0.05  # a significant ratio of medians within 1 ± this is reported as no real change
 _CASE_COLUMNS = (*(c for c in CURVE_COLUMNS if c != "env_id"), "seq_len")
 
 
 class CompareError(ValueError):
     """Nothing to compare (one line for the user)."""
-
-
-# ---------------------------------------------------------------- Mann–Whitney U
-
-
-@dataclasses.dataclass(frozen=True)
-class MannWhitney:
-    """The U statistic of the first sample and the two-sided p-value."""
-
-    u: float
-    p_value: float
-
-
-def _ranks(values: Sequence[float]) -> tuple[list[float], list[int]]:
-    """Mid-ranks (1-based; ties share their average rank) and the size of each group of ties."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    ties = []
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
-            stop += 1
-        for position in range(start, stop + 1):
-            ranks[order[position]] = (start + stop) / 2.0 + 1.0
-        ties.append(stop - start + 1)
-        start = stop + 1
-    return ranks, ties
-
-
-def normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal Z."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> MannWhitney:
-    """Two-sided Mann–Whitney U test, normal approximation with tie and continuity corrections."""
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
-        raise ValueError("both samples must be non-empty")
-    ranks, ties = _ranks([*x, *y])
-    u1 = sum(ranks[:n1]) - n1 * (n1 + 1) / 2.0
-    u2 = n1 * n2 - u1
-    u = max(u1, u2)
-    n = n1 + n2
-    tie_term = sum(t**3 - t for t in ties)
-    variance = n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
-    if variance <= 0:
-        return MannWhitney(u=u1, p_value=1.0)
-    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(variance)
-    return MannWhitney(u=u1, p_value=min(1.0, max(0.0, 2.0 * normal_sf(z))))
 
 
 # ---------------------------------------------------------------- matching
@@ -120,14 +68,6 @@ class Comparison:
 
     def status_changes(self) -> pd.DataFrame:
         return self.rows[self.rows["base_status"] != self.rows["new_status"]]
-
-
-def geometric_mean(ratios: pd.Series) -> float:
-    """exp(mean(log r)) over the finite positive ratios (NaN when there are none)."""
-    valid = [r for r in ratios if isinstance(r, float | int) and math.isfinite(r) and r > 0]
-    if not valid:
-        return math.nan
-    return math.exp(sum(math.log(r) for r in valid) / len(valid))
 
 
 def _match_key(frame: pd.DataFrame, *, any_env: bool) -> pd.Series:
@@ -173,7 +113,7 @@ def compare_results(
     any_env: bool = False,
     min_change: float = DEFAULT_MIN_CHANGE,
 ) -> Comparison:
-    """Match the cases of ``new`` to those of ``base`` and compare each pair."""
+    """Match the cases of ``new`` to those of ``base`` and compare each pair; ``CompareError`` if none match."""
     base_frame = base.frame.assign(match=_match_key(base.frame, any_env=any_env))
     new_frame = new.frame.assign(match=_match_key(new.frame, any_env=any_env))
     if any_env:  # one record per case key: the last one (environments sorted by id)
@@ -188,9 +128,10 @@ def compare_results(
     columns = [*_CASE_COLUMNS, "label", "status", "median_s", "env_id"]
     only_base = base_frame[~base_frame["match"].isin(new_frame["match"])][columns]
     only_new = new_frame[~new_frame["match"].isin(base_frame["match"])][columns]
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values([*_CASE_COLUMNS, "new_env_id"], kind="stable").reset_index(drop=True)
+    if not rows:
+        hint = "" if any_env else " in a comparable environment (--any-env matches across environments)"
+        raise CompareError(f"no case of NEW matches a case of BASE{hint}")
+    table = pd.DataFrame(rows).sort_values([*_CASE_COLUMNS, "new_env_id"], kind="stable").reset_index(drop=True)
     return Comparison(
         rows=table,
         only_base=only_base.reset_index(drop=True),
@@ -210,13 +151,9 @@ def compare_files(
     min_change: float = DEFAULT_MIN_CHANGE,
 ) -> Comparison:
     """Load both sides and compare them; raises ``ResultsError`` for bad files, ``CompareError`` if nothing matches."""
-    comparison = compare_results(
+    return compare_results(
         load_results(base_paths), load_results(new_paths), alpha=alpha, any_env=any_env, min_change=min_change
     )
-    if comparison.rows.empty:
-        hint = "" if any_env else " in a comparable environment (--any-env matches across environments)"
-        raise CompareError(f"no case of NEW matches a case of BASE{hint}")
-    return comparison
 
 
 # ---------------------------------------------------------------- text
@@ -240,15 +177,6 @@ def _describe(row: dict, *, varying: Sequence[str]) -> str:
         parts.append(f"layers {row['residual']} depth={row['depth']}")
     parts += [f"{column}={row[column]}" for column in varying if column not in _SCOPE_COLUMNS]
     return " ".join(str(part) for part in parts)
-
-
-def _varying(*frames: pd.DataFrame) -> list[str]:
-    columns = ("device", "dtype", "causal", "batch", "heads", "head_dim")
-    frames = tuple(frame for frame in frames if len(frame))
-    if not frames:
-        return []
-    combined = pd.concat([frame[list(columns)] for frame in frames])
-    return [column for column in columns if combined[column].nunique() > 1]
 
 
 def _changed_line(comparison: Comparison) -> str:

@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report.analysis import Results, curve_label, ok_rows
+from bench.report.defaults import EXPORT_FORMATS
+from bench.report.load import Results, curve_label, ok_rows
 
-FORMATS = ("pytest-benchmark",)
 # the version of pytest-benchmark's saved-JSON layout this writer follows (5.x)
 PYTEST_BENCHMARK_FORMAT_VERSION = "5.1.0"
 _EXTRA_FIELDS = (
@@ -226,14 +226,18 @@ def to_pytest_benchmark(results: Results, *, env_id: str | None = None) -> dict[
     }
 
 
-def write_export(
-    results: Results, *, out: str | Path, fmt: str = "pytest-benchmark", env_id: str | None = None
-) -> Path:
-    """Write ``results`` in format ``fmt`` to ``out``; returns the path."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+def export_text(results: Results, *, fmt: str = EXPORT_FORMATS[0], env_id: str | None = None) -> str:
+    """The text of ``results`` in format ``fmt`` (what :func:`write_export` writes)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     document = to_pytest_benchmark(results, env_id=env_id)
+    return json.dumps(document, indent=4, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_export(results: Results, *, out: str | Path, fmt: str = EXPORT_FORMATS[0], env_id: str | None = None) -> Path:
+    """Write ``results`` in format ``fmt`` to ``out``; returns the path."""
+    text = export_text(results, fmt=fmt, env_id=env_id)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=4, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
     return out

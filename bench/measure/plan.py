@@ -1,0 +1,130 @@
+"""From a request to cases, with the registry: which implementations, configs and residuals, on which devices.
+
+Also what the runner decides about a case before it runs: whether the implementation can run it at all,
+how much memory it should need (for the budget), and the metadata its record carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attention_impls import registry
+from bench.cases import Case, GridError, GridRequest, expand_grid
+from bench.measure.env import TORCH_DTYPES
+
+# fwd+bwd keeps the forward's intermediates for the backward and adds gradients
+BACKWARD_MEMORY_FACTOR = 3.0
+
+
+def default_devices() -> tuple[str, ...]:
+    """The GPU when there is one, else the CPU."""
+    return ("cuda",) if torch.cuda.is_available() else ("cpu",)
+
+
+def resolve_impls(patterns: tuple[str, ...]) -> list[str]:
+    """Registered names for names and wildcards, in the order asked, each once."""
+    names: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matched = registry.list_impls(pattern)
+            if not matched:
+                registered = ", ".join(registry.list_impls())
+                raise GridError(f"no implementation matches {pattern!r} (registered: {registered})")
+            names.extend(matched)
+        else:
+            names.append(registry.get(pattern).name)  # raises UnknownImplError with suggestions
+    return list(dict.fromkeys(names))
+
+
+def _non_default_params(names: list[str], request: GridRequest) -> dict[str, dict[str, Any]]:
+    """Per implementation, the overridden hyperparameters that differ from the defaults (checked, typed).
+
+    Only what differs is kept: the case key and the report label stay short, and a default passed
+    explicitly names the same case as no --param at all.
+    """
+    chosen: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for impl, params in request.overrides().items():
+        spec = registry.get(impl)
+        if impl not in names:
+            raise GridError(f"--param names {impl!r}, which is not among the implementations to run")
+        defaults = spec.params()
+        values = spec.with_params(**params).params()  # raises RegistryError naming impl.param
+        chosen[impl] = {key: value for key, value in values.items() if value != defaults[key]}
+    return chosen
+
+
+def plan_cases(request: GridRequest) -> list[Case]:
+    """Every case of the request, each curve from short to long; GridError or RegistryError on bad input."""
+    names = resolve_impls(request.impls)
+    cases: list[Case] = []
+    for name, params in _non_default_params(names, request).items():
+        # without --residual each implementation gets its own default (the Reformer: reversible)
+        residuals = request.residuals or (registry.get(name).module_cls.default_residual,)
+        cases += expand_grid(
+            impls={name: params},
+            seq_lens=request.seq_lens,
+            devices=request.devices or default_devices(),
+            dtypes=request.dtypes,
+            modes=request.modes,
+            batch=request.batch,
+            heads=request.heads,
+            head_dim=request.head_dim,
+            causal=request.causal,
+            scope=request.scope,
+            depths=request.depths,
+            residuals=residuals,
+        )
+    return cases
+
+
+def unsupported_reason(case: Case) -> str | None:
+    """Why the implementation can not run this case (None when it can): the case is recorded as skipped."""
+    spec = registry.get(case.impl, case.params_dict())
+    return spec.unsupported_reason(
+        seq_len=case.seq_len,
+        head_dim=case.head_dim,
+        causal=case.causal,
+        device=case.device,
+        dtype=TORCH_DTYPES[case.dtype],
+    )
+
+
+def estimate_bytes(case: Case) -> float:
+    """What a case should need, from the implementation's own estimate (bytes)."""
+    spec = registry.get(case.impl, case.params_dict())
+    if case.scope == "layers":
+        from bench.measure.stack import stack_memory_bytes
+
+        return stack_memory_bytes(
+            spec,
+            batch=case.batch,
+            seq_len=case.seq_len,
+            d_model=case.d_model,
+            heads=case.heads,
+            depth=case.depth,
+            itemsize=case.itemsize,
+            causal=case.causal,
+            residual=case.residual,
+            mode=case.mode,
+        )
+    attention = spec.memory_bytes(
+        batch=case.batch,
+        heads=case.heads,
+        seq_len=case.seq_len,
+        head_dim=case.head_dim,
+        itemsize=case.itemsize,
+        causal=case.causal,
+    )
+    inputs = 3 * case.batch * case.seq_len * case.d_model * case.itemsize
+    if case.mode == "fwd+bwd":
+        return BACKWARD_MEMORY_FACTOR * attention + 2 * inputs
+    return attention + inputs
+
+
+def impl_info(name: str) -> dict[str, Any]:
+    """The implementation's metadata, stored in each record so reports need no registry (and no torch)."""
+    info = registry.get(name).describe()
+    info.pop("params")
+    return info

@@ -1,0 +1,140 @@
+"""One worker child process: start it, speak JSON lines to it, and say what happened when it dies.
+
+A worker that exits with SIGKILL we did not send was killed either by the kernel's out-of-memory killer
+or by someone else (``kill -9``, a job scheduler). The kernel counts its OOM kills (``oom_kill`` in
+``/proc/vmstat``, global and cgroup kills alike): the count is read when a request is sent and again
+when the worker is found dead, and only a rise makes the death ``oom``. Any other death is ``crashed``,
+with the signal or exit code in words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_VMSTAT = Path("/proc/vmstat")
+
+
+class WorkerDied(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class WorkerTimeout(Exception):
+    pass
+
+
+def oom_kill_count(vmstat: Path = _VMSTAT) -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (None: not counted here)."""
+    try:
+        for line in vmstat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def classify_death(returncode: int, *, oom_kills_before: int | None, oom_kills_after: int | None) -> WorkerDied:
+    """The status and one-line message of a worker that ended on its own (not killed by the runner)."""
+    if returncode == -signal.SIGKILL:
+        if oom_kills_before is None or oom_kills_after is None:
+            return WorkerDied(
+                "crashed",
+                "worker killed by SIGKILL (by the out-of-memory killer or another process: "
+                "this system does not count OOM kills)",
+            )
+        if oom_kills_after > oom_kills_before:
+            return WorkerDied("oom", "worker killed by the kernel's out-of-memory killer (SIGKILL)")
+        return WorkerDied("crashed", "worker killed by SIGKILL from outside (not the kernel's out-of-memory killer)")
+    if returncode < 0:
+        return WorkerDied("crashed", f"worker died with {_signal_name(-returncode)}")
+    return WorkerDied("crashed", f"worker exited with code {returncode}")
+
+
+class WorkerProcess:
+    """One ``python -m bench.measure.worker`` child, spoken to in JSON lines."""
+
+    def __init__(self, *, threads: int, log_dir: Path) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=log_dir, delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,  # its own process group: a kill takes its children too
+        )
+        self._buffer = b""
+        self._oom_kills_before: int | None = None
+
+    def request(self, payload: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._oom_kills_before = oom_kill_count()
+        try:
+            self.proc.stdin.write((json.dumps(payload) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._death() from None
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerTimeout()
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise self._death()
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _death(self) -> WorkerDied:
+        code = self.proc.wait()
+        died = classify_death(code, oom_kills_before=self._oom_kills_before, oom_kills_after=oom_kill_count())
+        tail = self.stderr_tail()
+        if tail:
+            died.message = f"{died.message}; last output: {tail}"
+        return died
+
+    def stderr_tail(self) -> str:
+        try:
+            lines = [ln.strip() for ln in Path(self._log.name).read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(WorkerDied, WorkerTimeout, OSError, ValueError):
+                self.request({"op": "exit"}, timeout_s=5)
+            self.kill()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)

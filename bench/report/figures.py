@@ -1,0 +1,324 @@
+"""The kinds of figure in a report, one function each: a column against sequence length (time, memory,
+roofline), the backward ratio, layer-stack memory against depth, and speed against approximation error.
+
+Each draws one figure from the rows it is given and saves it through :mod:`bench.report.plot_style`; it
+returns None when there is nothing to show. Which figures a report has is :mod:`bench.report.plots`' job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.report.formatting import MIB
+from bench.report.load import ok_rows
+from bench.report.plot_style import (
+    FigureInfo,
+    failure_handle,
+    figure_style,
+    finish_figure,
+    line_with_stops,
+    log2_axis,
+    lowest_positive,
+    new_figure,
+    no_data,
+    plain_log_ticks,
+    reference_slopes,
+)
+from bench.report.stats import pareto_front
+
+# ---------------------------------------------------------------- per-length curves (time, memory, roofline)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveSpec:
+    """A figure of one column against sequence length, a panel per mode."""
+
+    base: str
+    title: str
+    column: str
+    scale: float
+    ylabel: str
+    log_y: bool
+    references: bool
+    caption: str
+
+
+TIME = CurveSpec(
+    base="time_vs_seq_len",
+    title="Median time vs sequence length",
+    column="median_s",
+    scale=1.0,
+    ylabel="median time per call (s)",
+    log_y=True,
+    references=True,
+    caption="Median time per call against sequence length on log-log axes, one panel per mode; the grey dashed "
+    "lines are reference slopes ∝ n and ∝ n², and an X marks where a curve stopped (OOM, timeout, skipped).",
+)
+MEMORY = CurveSpec(
+    base="memory_vs_seq_len",
+    title="Peak memory vs sequence length",
+    column="peak_bytes",
+    scale=MIB,
+    ylabel="peak memory above inputs (MiB)",
+    log_y=True,
+    references=True,
+    caption="Peak memory of one call (allocator level, above the resident inputs) against sequence length on "
+    "log-log axes, with reference slopes ∝ n and ∝ n²; an X marks where a curve stopped.",
+)
+ROOFLINE = CurveSpec(
+    base="roofline",
+    title="Roofline efficiency",
+    column="roofline_percent",
+    scale=1.0,
+    ylabel="achieved / matmul peak FLOP/s (%)",
+    log_y=False,
+    references=False,
+    caption="Achieved FLOP/s as a percentage of the same machine's measured matmul peak for the dtype, against "
+    "sequence length: how far each implementation is from compute-bound.",
+)
+
+
+def curve_figure(
+    rows: pd.DataFrame,
+    *,
+    spec: CurveSpec,
+    subtitle: str,
+    palette: dict[str, Any],
+    styles: dict[tuple[str, str], Any],
+    out_dir: Path,
+    stem: str,
+) -> FigureInfo | None:
+    modes = sorted(rows["mode"].unique())
+    if ok_rows(rows)[spec.column].notna().sum() == 0 and (rows["status"] == "ok").all():
+        return None
+    with figure_style():
+        figure, axes = new_figure(ncols=len(modes))
+        for ax, mode in zip(axes[0], modes, strict=True):
+            panel = rows[rows["mode"] == mode]
+            ok_values = ok_rows(panel)[spec.column] / spec.scale
+            floor = lowest_positive(ok_values)
+            placed: dict[tuple[float, float], int] = {}
+            for (impl, params), curve in panel.groupby(["impl", "params"], sort=True):
+                line_with_stops(
+                    ax,
+                    curve.sort_values("seq_len"),
+                    x="seq_len",
+                    column=spec.column,
+                    scale=spec.scale,
+                    floor=floor,
+                    placed=placed,
+                    marker="o",
+                    color=palette[impl],
+                    linestyle=styles[(impl, params)],
+                    label=curve["label"].iloc[0],
+                )
+            if ok_values.dropna().empty:
+                no_data(ax)
+            if spec.references:
+                reference_slopes(ax, ok_rows(panel), column=spec.column, scale=spec.scale)
+            log2_axis(ax, panel["seq_len"])
+            if spec.log_y:
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(bottom=0)
+            ax.set_xlabel("sequence length n (tokens)")
+            ax.set_ylabel(spec.ylabel)
+            ax.set_title(mode)
+        failure_handle(axes[0][0])
+        return finish_figure(
+            figure,
+            axes[0],
+            title=spec.title,
+            subtitle=subtitle,
+            caption=spec.caption,
+            out_dir=out_dir,
+            stem=stem,
+        )
+
+
+# ---------------------------------------------------------------- fwd+bwd over fwd
+
+
+def backward_ratio_figure(
+    table: pd.DataFrame,
+    *,
+    subtitle: str,
+    palette: dict[str, Any],
+    styles: dict[tuple[str, str], Any],
+    out_dir: Path,
+    stem: str,
+) -> FigureInfo | None:
+    if table.empty:
+        return None
+    title = "Backward cost: fwd+bwd over fwd"
+    caption = (
+        "The ratio of the forward-plus-backward median to the forward median at each length where both modes "
+        "ran; the dashed line at 3× is what a backward costing twice the forward would give."
+    )
+    with figure_style():
+        figure, axes = new_figure(ncols=1)
+        ax = axes[0][0]
+        for (impl, params), curve in table.groupby(["impl", "params"], sort=True):
+            curve = curve.sort_values("seq_len")
+            ax.plot(
+                curve["seq_len"],
+                curve["fwd_bwd_over_fwd"],
+                marker="o",
+                markersize=4,
+                color=palette[impl],
+                linestyle=styles[(impl, params)],
+                label=curve["label"].iloc[0],
+            )
+        ax.axhline(3.0, color="0.45", linestyle=(0, (5, 3)), linewidth=1.1, label="3× (backward ≈ 2× forward)")
+        log2_axis(ax, table["seq_len"])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("sequence length n (tokens)")
+        ax.set_ylabel("median time fwd+bwd / fwd (×)")
+        return finish_figure(figure, [ax], title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem)
+
+
+# ---------------------------------------------------------------- layer stacks: memory vs depth
+
+
+def layers_figure(
+    rows: pd.DataFrame,
+    *,
+    subtitle: str,
+    palette: dict[str, Any],
+    out_dir: Path,
+    stem: str,
+    max_lengths: int = 4,
+) -> FigureInfo | None:
+    if rows.empty:
+        return None
+    lengths = sorted(rows["seq_len"].unique())[-max_lengths:]
+    modes = sorted(rows["mode"].unique())
+    title = "Layer stack: peak memory vs depth"
+    caption = (
+        "Peak memory of a stack of transformer layers against its depth, solid for standard residuals and dashed "
+        "for reversible ones (which should stay nearly flat in fwd+bwd), one panel per mode and length."
+    )
+    with figure_style():
+        figure, axes = new_figure(ncols=len(lengths), nrows=len(modes), width_in=3.8, height_in=3.2)
+        for row_index, mode in enumerate(modes):
+            for col_index, seq_len in enumerate(lengths):
+                ax = axes[row_index][col_index]
+                panel = rows[(rows["mode"] == mode) & (rows["seq_len"] == seq_len)]
+                floor = lowest_positive(ok_rows(panel)["peak_bytes"] / MIB)
+                placed: dict[tuple[float, float], int] = {}
+                for (impl, _params, residual), line in panel.groupby(["impl", "params", "residual"], sort=True):
+                    line_with_stops(
+                        ax,
+                        line.sort_values("depth"),
+                        x="depth",
+                        column="peak_bytes",
+                        scale=MIB,
+                        floor=floor,
+                        placed=placed,
+                        marker="o" if residual == "standard" else "s",
+                        color=palette[impl],
+                        linestyle="-" if residual == "standard" else "--",
+                        label=f"{line['label'].iloc[0]} {residual}",
+                    )
+                if ok_rows(panel)["peak_bytes"].dropna().empty:
+                    no_data(ax)
+                depths = sorted(rows["depth"].unique())
+                ax.set_xticks(depths)
+                ax.set_xlim(min(depths) - 0.5, max(depths) + 0.5)
+                ax.set_ylim(bottom=0)
+                ax.set_xlabel("depth (layers)")
+                ax.set_ylabel("peak memory above inputs (MiB)")
+                ax.set_title(f"{mode}, n={seq_len}")
+        failure_handle(axes[0][0])
+        panels = [ax for row in axes for ax in row]
+        return finish_figure(
+            figure, panels, title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem
+        )
+
+
+# ---------------------------------------------------------------- speed vs approximation error
+
+
+def pareto_figure(
+    rows: pd.DataFrame,
+    *,
+    subtitle: str,
+    palette: dict[str, Any],
+    out_dir: Path,
+    stem: str,
+) -> FigureInfo | None:
+    forward = ok_rows(rows[rows["mode"] == "fwd"])
+    measured = forward[forward["rel_error"].notna()]
+    if measured.empty:
+        return None
+    seq_len = int(measured["seq_len"].max())
+    at_length = forward[forward["seq_len"] == seq_len]
+    title = f"Speed vs approximation error at n={seq_len}"
+    caption = (
+        f"Forward time against relative error at n={seq_len} (the longest length with an error measurement), on "
+        "random and on peaked inputs; dashed horizontal lines are exact implementations, the grey steps the "
+        "Pareto front (nothing is both faster and more accurate)."
+    )
+    panels = [("rel_error", "random inputs"), ("rel_error_peaked", "peaked attention")]
+    with figure_style():
+        figure, axes = new_figure(ncols=len(panels))
+        for ax, (column, what) in zip(axes[0], panels, strict=True):
+            approx = at_length[at_length[column] > 0]
+            for record in approx.sort_values(["impl", "params"]).to_dict("records"):
+                ax.plot(
+                    [record[column]],
+                    [record["median_s"]],
+                    marker="o",
+                    markersize=7,
+                    color=palette[record["impl"]],
+                    linestyle="none",
+                    label=record["label"],
+                )
+                ax.annotate(
+                    record["label"],
+                    (record[column], record["median_s"]),
+                    xytext=(5, 3),
+                    textcoords="offset points",
+                    fontsize=7,
+                )
+            front = pareto_front(list(zip(approx[column], approx["median_s"], strict=True)))
+            if len(front) > 1:
+                ax.plot(
+                    *zip(*front, strict=True),
+                    color="0.6",
+                    linewidth=1,
+                    drawstyle="steps-post",
+                    zorder=0,
+                    label="Pareto front",
+                )
+            exact = at_length[at_length["rel_error"].isna() & at_length["exact"].map(lambda value: value is True)]
+            for record in exact.sort_values(["impl", "params"]).to_dict("records"):
+                ax.axhline(
+                    record["median_s"],
+                    color=palette[record["impl"]],
+                    linestyle=(0, (5, 3)),
+                    linewidth=1.1,
+                    label=f"{record['label']} (exact)",
+                )
+                ax.annotate(
+                    f"{record['label']} (exact)",
+                    (0.02, record["median_s"]),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=palette[record["impl"]],
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            plain_log_ticks(ax.xaxis)
+            ax.set_xlabel("relative error ‖out − exact‖ / ‖exact‖")
+            ax.set_ylabel("median time per call (s)")
+            ax.set_title(what)
+        return finish_figure(
+            figure, axes[0], title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem
+        )
