@@ -116,11 +116,12 @@ COMMITTED_REPORTS = {
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """Rebuild the committed reports from results/ in seconds, without torch; posargs: RESULTS... to reports/."""
+    """Rebuild the committed reports from results/ in seconds, without torch; posargs: RESULTS... to reports/local/."""
     session.install("-e", ".", "--no-deps")
     session.install("numpy", "pandas", "seaborn")
-    if session.posargs:
-        session.run("attnbench", "report", *session.posargs, "--out", REPORTS)
+    if session.posargs:  # the user's own results: their report goes beside this machine's, not over the reference
+        report_dir = f"{REPORTS}/{LOCAL}/{Path(session.posargs[0]).stem}"
+        session.run("attnbench", "report", *session.posargs, "--out", report_dir)
         return
     for out, files in COMMITTED_REPORTS.items():
         if all((ROOT / f).exists() for f in files):

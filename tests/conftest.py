@@ -1,4 +1,4 @@
-"""Make tests/ importable (reference.py, conformance.py) and offer shared fixtures."""
+"""Make tests/ importable (reference.py, conformance.py) and offer shared fixtures; docs/ARCHITECTURE.md has the contracts tested here."""
 
 from __future__ import annotations
 

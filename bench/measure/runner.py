@@ -30,7 +30,7 @@ from bench.cases import Case
 from bench.measure.plan import estimate_bytes, impl_info, unsupported_reason
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
 from bench.options import SweepOptions
-from bench.results import FAILED_STATUSES, ResultsWriter, env_identity, iter_records
+from bench.results import FAILED_STATUSES, ResultsWriter, env_identity, iter_records, summarize_problems
 
 ENV_PROBE_TIMEOUT_S = 180.0
 # calls per case beyond the timed samples: warm-up and the memory run
@@ -190,8 +190,8 @@ class Sweep:
                 pass
             env = self.probe_env()
             done, problems = (set(), []) if opts.force else load_done(opts.out, env, retry_failed=opts.retry_failed)
-            for problem in problems:
-                self.log(f"warning: {problem}")
+            for line in summarize_problems(problems):
+                self.log(line)
             todo = [case for case in self.cases if case.key() not in done]
             budget = {device: opts.budget_bytes(free) for device, free in env["free_bytes"].items()}
             counts: Counter = Counter()

@@ -1,0 +1,156 @@
+"""``attnbench list`` and ``attnbench run``: the commands that ask the registry and measure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import cases as grid
+from bench.cli.common import HelpWithDefaults, UsageError, warn
+from bench.options import MeasureOptions, OptionsError, SweepOptions, cli_fields
+from bench.results import ResultsError
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from attention_impls import registry
+
+    try:
+        specs = [registry.get(name) for name in registry.list_impls(args.pattern or "*")]
+    except registry.RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    warn(f"warning: {message}" for message in registry.load_errors())
+    if not specs:
+        raise UsageError(f"no implementation matches {args.pattern!r} (registered: {', '.join(registry.list_impls())})")
+    rows = [spec.describe() for spec in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    header = ("name", "family", "time", "memory", "kind", "causal", "source")
+    table = [
+        (
+            row["name"],
+            row["family"],
+            row["time_complexity"],
+            row["memory_complexity"],
+            "exact" if row["exact"] else "approximate",
+            "yes" if row["causal"] else "no",
+            row["source"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *table, strict=True)]
+    for line in (header, *table):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
+    """The grid flags, parsed (GridError on malformed text); checked against the registry later."""
+    for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--head-dim", args.head_dim)):
+        if value < 1:
+            raise grid.GridError(f"{flag} must be at least 1, got {value}")
+    depths = tuple(grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip())
+    if not depths or min(depths) < 1:
+        raise grid.GridError(f"--depths must be positive integers, got {args.depths!r}")
+    return grid.GridRequest(
+        impls=tuple(item.strip() for item in args.impls.split(",") if item.strip()) or ("*",),
+        seq_lens=tuple(grid.parse_seq_lens(args.seq_lens)),
+        dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype")),
+        modes=tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode")),
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        causal=args.causal,
+        scope=args.scope,
+        depths=depths,
+        params=grid.parse_param_overrides(args.param),
+        devices=tuple(grid.parse_devices(args.devices)) if args.devices else None,
+        residuals=(
+            tuple(grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual")) if args.residual else None
+        ),
+    )
+
+
+def _options(cls: type, args: argparse.Namespace, **extra):
+    """An options dataclass from the flags its fields declare (OptionsError when a value is out of range)."""
+    return cls(**{f.name: getattr(args, f.name) for f in cli_fields(cls)}, **extra)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        request = _grid_request(args)
+        options = _options(SweepOptions, args, measure=_options(MeasureOptions, args))
+    except (grid.GridError, OptionsError) as exc:
+        raise UsageError(str(exc)) from None
+
+    from attention_impls.registry import RegistryError
+    from bench.measure.plan import plan_cases
+    from bench.measure.runner import Sweep, SweepError
+
+    try:
+        cases = plan_cases(request)
+    except (grid.GridError, RegistryError) as exc:
+        raise UsageError(str(exc)) from None
+    sweep = Sweep(cases, options, log=lambda line: print(line, file=sys.stderr))
+    try:
+        summary = sweep.run(started=started)
+    except (SweepError, ResultsError) as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        sweep.close()
+    for line in summary.lines():
+        print(line)
+    print(f"results: {options.out}")
+    return 0
+
+
+def _add_option_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per options field: its flag, default, help and type all come from the field."""
+    types = {"float": float, "int": int, "float | None": float, "int | None": int, "Path": Path}
+    for f in cli_fields(cls):
+        meta = f.metadata
+        help_text = meta["help"].replace("%", "%%")
+        if f.type == "bool":
+            p.add_argument(meta["flag"], dest=f.name, action="store_true", help=help_text)
+        else:
+            p.add_argument(
+                meta["flag"],
+                dest=f.name,
+                type=types[f.type],
+                default=f.default,
+                metavar=meta["metavar"] or meta["flag"].lstrip("-").replace("-", "_").upper(),
+                help=help_text,
+            )
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run a sweep of cases and append the results to a JSONL file", formatter_class=HelpWithDefaults
+    )
+    p.add_argument("--impls", default="*", help="names or wildcards, comma-separated")
+    p.add_argument(
+        "--seq-lens", default="256:16384:x2", help="list and/or ranges: 256,512 or 256:16384:x2 or 1024:8192:+1024"
+    )
+    p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda when present, else cpu)")
+    p.add_argument("--dtypes", default="float32", help=f"comma-separated, from {', '.join(grid.DTYPES)}")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help=f"comma-separated, from {', '.join(grid.MODES)}")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="dimension of each head")
+    p.add_argument("--causal", action="store_true", help="causal masking")
+    p.add_argument("--scope", choices=grid.SCOPES, default="attention", help="the kernel alone, or a layer stack")
+    p.add_argument("--depths", default="1", help="layer-stack depths, comma-separated (--scope layers)")
+    p.add_argument(
+        "--residual",
+        help=f"comma-separated, from {', '.join(grid.RESIDUALS)} (--scope layers; default: the implementation's own)",
+    )
+    p.add_argument(
+        "--param", action="append", default=[], metavar="IMPL.NAME=VALUE", help="hyperparameter override, repeatable"
+    )
+    _add_option_flags(p, SweepOptions)
+    _add_option_flags(p, MeasureOptions)
+    p.set_defaults(func=_cmd_run)
