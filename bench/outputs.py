@@ -22,9 +22,12 @@ def reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def make_parents(path: Path) -> list[Path]:
-    """Create the missing folders above ``path``; returns them, outermost first (OutputError if one can't be)."""
-    missing = [p for p in path.parents if not p.exists()]
+def make_parents(path: Path, *, itself: bool = False) -> list[Path]:
+    """Create the missing folders above ``path`` (and ``path`` itself when ``itself``); returns them, outermost first.
+
+    OutputError names ``path`` and the folder that could not be created.
+    """
+    missing = [p for p in ([path] if itself else []) + list(path.parents) if not p.exists()]
     created: list[Path] = []
     try:
         for folder in reversed(missing):
@@ -33,8 +36,9 @@ def make_parents(path: Path) -> list[Path]:
     except OSError as exc:
         remove_created(created)
         raise OutputError(f"cannot write {path}: cannot create {folder}: {reason(exc)}") from None
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: {path.parent} is not a directory")
+    folder = path if itself else path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is not a directory")
     return created
 
 
@@ -94,7 +98,7 @@ class OutputDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"output path {self.path} exists and is not a directory")
-        self._created = make_parents(self.path / "probe")
+        self._created = make_parents(self.path, itself=True)
         try:
             with tempfile.TemporaryFile(dir=self.path):
                 pass
