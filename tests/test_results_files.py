@@ -134,3 +134,20 @@ def test_a_worker_killed_from_outside_is_recorded_as_such(tmp_path) -> None:
     assert by_impl["fault_hang"]["status"] == "crashed"
     assert "SIGKILL from outside" in by_impl["fault_hang"]["message"]
     assert by_impl["sdpa"]["status"] == "ok"
+
+
+def test_resume_reads_the_file_once_and_reports_records_it_can_not_use(tmp_path) -> None:
+    from bench.measure.runner import done_keys, read_finished
+
+    path = tmp_path / "r.jsonl"
+    env = {"host": "h", "cpu_model": "c", "num_threads": 2}
+    good = {"schema_version": 1, "case": {"impl": "full", "seq_len": 64}, "status": "ok", "env": env}
+    failed = {**good, "case": {"impl": "full", "seq_len": 128}, "status": "timeout"}
+    bad_case = {**good, "case": {"impl": "full", "seq_len": 0}}
+    path.write_text("\n".join(json.dumps(r) for r in (good, failed, bad_case)) + "\n")
+    finished, problems = read_finished(path)
+    assert len(finished) == 2
+    assert len(problems) == 1 and ":3: invalid case" in problems[0]
+    assert len(done_keys(finished, env, retry_failed=False)) == 2
+    assert len(done_keys(finished, env, retry_failed=True)) == 1
+    assert done_keys(finished, {**env, "host": "other"}, retry_failed=False) == set()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.cli.common import HelpWithDefaults, UsageError, warn
-from bench.outputs import AtomicFile, OutputDir, OutputError
+from bench.outputs import AtomicFile, OutputDir, OutputError, check_regular_file
 from bench.results import ResultsError, summarize_problems
 
 
@@ -23,9 +23,11 @@ def _results_paths(items: Sequence[str]) -> list[Path]:
             paths.extend(found)
         elif not path.exists():
             raise UsageError(f"results file {path} does not exist")
-        elif not path.is_file():
-            raise UsageError(f"{path} is not a regular file (a device, pipe or socket)")
         else:
+            try:
+                check_regular_file(path)
+            except OutputError as exc:
+                raise UsageError(str(exc)) from None
             paths.append(path)
     return paths
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import psutil
 
-from bench.cases import Case
+from bench.cases import Case, GridError
 from bench.measure.plan import estimate_bytes, impl_info, unsupported_reason
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
 from bench.options import SweepOptions
-from bench.results import FAILED_STATUSES, ResultsWriter, env_identity, iter_records, summarize_problems
+from bench.results import FAILED_STATUSES, Problem, ResultsWriter, env_identity, iter_records, summarize_problems
 
 ENV_PROBE_TIMEOUT_S = 180.0
 # calls per case beyond the timed samples: warm-up and the memory run
@@ -64,22 +64,37 @@ class SweepSummary:
         ]
 
 
-def load_done(path: Path, env: dict[str, Any], *, retry_failed: bool) -> tuple[set[str], list[str]]:
-    """Keys of the cases already finished in ``path`` under a comparable environment, and problems seen."""
-    done: set[str] = set()
+def read_finished(path: Path) -> tuple[list[tuple[tuple, str, str]], list[str]]:
+    """(environment identity, case key, status) of every case recorded in ``path``, and the lines skipped.
+
+    One pass over the file, before the sweep probes its environment or runs anything: an unreadable
+    file or another schema raises ResultsError here.
+    """
+    finished: list[tuple[tuple, str, str]] = []
     problems: list[str] = []
-    identity = env_identity(env)
-    for _, record, problem in iter_records(path):
+    for number, record, problem in iter_records(path):
         if problem is not None:
             problems.append(str(problem))
             continue
         assert record is not None
-        if env_identity(record.get("env", {})) != identity:
+        try:
+            key = Case.from_dict(record["case"]).key()
+        except (GridError, TypeError) as exc:
+            problems.append(str(Problem(str(path), number, f"invalid case ({exc})")))
             continue
-        if retry_failed and record["status"] in FAILED_STATUSES:
-            continue
-        done.add(Case.from_dict(record["case"]).key())
-    return done, problems
+        env = record.get("env")
+        finished.append((env_identity(env if isinstance(env, dict) else {}), key, record["status"]))
+    return finished, problems
+
+
+def done_keys(finished: list[tuple[tuple, str, str]], env: dict[str, Any], *, retry_failed: bool) -> set[str]:
+    """Keys of the finished cases measured in a comparable environment (less the failed ones, to retry them)."""
+    identity = env_identity(env)
+    return {
+        key
+        for record_identity, key, status in finished
+        if record_identity == identity and not (retry_failed and status in FAILED_STATUSES)
+    }
 
 
 class Sweep:
@@ -186,12 +201,11 @@ class Sweep:
         started = time.perf_counter() if started is None else started
         opts = self.options
         with ResultsWriter(opts.out) as writer:
-            for _ in iter_records(opts.out):  # an unreadable file or another schema stops here, nothing written
-                pass
-            env = self.probe_env()
-            done, problems = (set(), []) if opts.force else load_done(opts.out, env, retry_failed=opts.retry_failed)
+            finished, problems = read_finished(opts.out)
             for line in summarize_problems(problems):
                 self.log(line)
+            env = self.probe_env()
+            done = set() if opts.force else done_keys(finished, env, retry_failed=opts.retry_failed)
             todo = [case for case in self.cases if case.key() not in done]
             budget = {device: opts.budget_bytes(free) for device, free in env["free_bytes"].items()}
             counts: Counter = Counter()

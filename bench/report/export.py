@@ -17,7 +17,6 @@ import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -227,17 +226,8 @@ def to_pytest_benchmark(results: Results, *, env_id: str | None = None) -> dict[
 
 
 def export_text(results: Results, *, fmt: str = EXPORT_FORMATS[0], env_id: str | None = None) -> str:
-    """The text of ``results`` in format ``fmt`` (what :func:`write_export` writes)."""
+    """The text of ``results`` in format ``fmt`` (``attnbench export`` writes it to its --out, whole or not at all)."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     document = to_pytest_benchmark(results, env_id=env_id)
     return json.dumps(document, indent=4, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_export(results: Results, *, out: str | Path, fmt: str = EXPORT_FORMATS[0], env_id: str | None = None) -> Path:
-    """Write ``results`` in format ``fmt`` to ``out``; returns the path."""
-    text = export_text(results, fmt=fmt, env_id=env_id)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
