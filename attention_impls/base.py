@@ -10,7 +10,10 @@ An implementation is an ``nn.Module`` subclass of :class:`AttentionModule` with
 * ``forward(q, k, v, *, causal=False)`` on ``(batch, heads, seq_len, head_dim)``
   tensors, returning the same shape;
 * ``flops(...)`` and ``memory_bytes(...)``: what one forward really computes
-  and roughly how many bytes it allocates, for roofline figures and budgets;
+  and roughly how many bytes it allocates, for roofline figures and budgets; ``memory_bytes`` may also
+  declare the keywords ``device`` (the device type, ``"cpu"``, ``"cuda"``, ``"mps"``) and ``dtype`` (its
+  name, ``"float32"``, or None) when its estimate depends on them: ``ImplSpec.memory_bytes`` passes each one
+  only to an estimate whose signature names it, so an estimate written before they existed keeps working;
 * ``config_error(config)``: ``None`` or what is wrong with a hyperparameter whatever the sequence length
   (a size below its minimum, an unknown layout, a NaN); ``get(name, params)`` refuses such a config at once;
 * ``config_problem(config, *, seq_len)``: the same for problems that depend on the length (the case is
@@ -183,9 +186,26 @@ class AttentionModule(nn.Module):
 
     @classmethod
     def memory_bytes(
-        cls, config: Any, *, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int, causal: bool
+        cls,
+        config: Any,
+        *,
+        batch: int,
+        heads: int,
+        seq_len: int,
+        head_dim: int,
+        itemsize: int,
+        causal: bool,
+        device: str = "cpu",
+        dtype: str | None = None,
     ) -> float:
-        """Rough upper estimate of the bytes one forward allocates beyond its inputs (for budgets)."""
+        """Rough upper estimate of the bytes one forward allocates beyond its inputs (for budgets).
+
+        ``device`` is the device type the case runs on (``"cpu"``, ``"cuda"``, ``"mps"``) and ``dtype`` the
+        name of its dtype (``"float16"``; None when the caller only knows ``itemsize``), for estimates whose
+        kernels differ by device or dtype (a fused kernel here, a materialized score matrix there; a chunk size
+        per device). Both are optional in an override: ``ImplSpec.memory_bytes`` passes each only to an
+        estimate whose signature declares it (one without them gets the CPU's estimate everywhere).
+        """
         raise NotImplementedError
 
 

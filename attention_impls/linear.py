@@ -17,11 +17,19 @@ enter through the carried state S and z: time O(n (d^2 + c d)) with
 c = chunk_size.
 
 Both paths walk the sequence a block at a time (``_BLOCK_ELEMENTS`` entries
-of q, a whole number of chunks; vectorized over the chunks of a block, a
-Python loop over blocks), applying the feature map to one block at a time and
-writing each block's result straight into the output. The only allocation
-that grows with n is the output itself: memory O(n d), and no large
-temporaries (which on CPU cost page faults as much as arithmetic).
+of q on the CPU, more on accelerators; a whole number of chunks; vectorized
+over the chunks of a block, a Python loop over blocks), applying the feature
+map to one block at a time and writing each block's result straight into the
+output. The only allocation that grows with n is the output itself: memory
+O(n d), and no large temporaries (which on CPU cost page faults as much as
+arithmetic).
+
+For float16 and bfloat16 inputs the sums over positions (S and z, the chunk
+states and their prefix sums, and each query's product with them) are kept in
+float32: a float16 sum overflows near 56K positions of order-one terms, and a
+bfloat16 one stops growing once each term is below its 8-bit precision. The
+feature map and the quadratic form within a chunk stay in the input dtype, and
+the result is written back in it.
 
 The normalizer z is carried as an extra column of the values (v | 1), so one
 matrix product gives numerator and denominator together. The denominator is
@@ -38,15 +46,24 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from attention_impls import blocks
 from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad, pad_seq
 from attention_impls.registry import register
 
 __all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
 
-# elements (batch x heads x positions x head_dim) of q handled by one vectorized step, rounded to whole
-# chunks: bounds the temporaries (b=1, h=8, d=64: 2048 positions, causal 1024; measured best on CPU)
+# elements (batch x heads x positions x head_dim) of q handled by one vectorized step on the CPU, rounded to
+# whole chunks: bounds the temporaries (b=1, h=8, d=64: 2048 positions, causal 1024; measured best on CPU)
 _BLOCK_ELEMENTS = 1 << 20
 _CAUSAL_BLOCK_ELEMENTS = 1 << 19
+# the same on accelerators, where a step is a dozen kernel launches whatever its size (the CPU's values would
+# make it launch-bound): on CUDA, 128K positions at b=1, h=8, d=64 in one step (64K causal), whose temporaries
+# (about 3 tensors of this size, 7 causal; float32 copies for half inputs) stay near 1 GiB; MPS, sharing the
+# machine's memory, four times less (see blocks.ACCELERATOR_CHUNK_ELEMENTS)
+_ACCELERATOR_BLOCK_ELEMENTS = {"cuda": 1 << 26, "mps": 1 << 24}
+_ACCELERATOR_CAUSAL_BLOCK_ELEMENTS = {"cuda": 1 << 25, "mps": 1 << 23}
+# the dtype of the sums over positions, per input dtype (others keep their own)
+_STATE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 class _EluPlusOne(torch.autograd.Function):
@@ -106,17 +123,23 @@ def feature_map(name: str) -> FeatureMap:
     return FEATURE_MAPS[name]
 
 
-def _block_positions(shape: torch.Size | tuple[int, ...], *, chunk: int, causal: bool) -> int:
-    """Positions per vectorized step for (batch, heads, seq_len, head_dim) inputs: a whole number of chunks."""
+def _block_positions(
+    shape: torch.Size | tuple[int, ...], *, chunk: int, causal: bool, device: str | torch.device
+) -> int:
+    """Positions per vectorized step for (batch, heads, seq_len, head_dim) inputs on ``device``: whole chunks."""
     batch, heads, _, dim = shape
-    elements = _CAUSAL_BLOCK_ELEMENTS if causal else _BLOCK_ELEMENTS
+    if causal:
+        elements = blocks.device_value(_CAUSAL_BLOCK_ELEMENTS, _ACCELERATOR_CAUSAL_BLOCK_ELEMENTS, device)
+    else:
+        elements = blocks.device_value(_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS, device)
     return chunk * max(1, elements // (batch * heads * dim * chunk))
 
 
 def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> None:
     """out[:, :, start:start + length] = numerator / max(normalizer, eps); ``num`` is (..., length, d_v + 1).
 
-    Its last column is the normalizer. Without autograd the quotient is written straight into ``out``.
+    Its last column is the normalizer. Without autograd the quotient is written straight into ``out``; either
+    way it is cast to ``out``'s dtype (from float32 for half-precision inputs).
     """
     dim_v = out.shape[-1]
     length = min(num.shape[2], out.shape[2] - start)  # drop the padding rows
@@ -140,16 +163,18 @@ def _noncausal(
     """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time."""
     batch, heads, seq_len, dim = q.shape
     dim_v = v.shape[-1]
-    kv = q.new_zeros(batch, heads, dim, dim_v)  # (batch, heads, head_dim, head_dim): S = sum_j phi(k_j) v_j^T
-    z = q.new_zeros(batch, heads, dim)  # (batch, heads, head_dim): z = sum_j phi(k_j)
+    acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
+    kv = q.new_zeros(batch, heads, dim, dim_v, dtype=acc)  # (batch, heads, head_dim, head_dim): S = sum phi(k_j) v_j^T
+    z = q.new_zeros(batch, heads, dim, dtype=acc)  # (batch, heads, head_dim): z = sum_j phi(k_j)
     for start in range(0, seq_len, block):
-        phi_k = phi(k[:, :, start : start + block])  # (batch, heads, length, head_dim)
-        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v[:, :, start : start + block])  # (batch, heads, d, d)
+        phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, heads, length, head_dim)
+        v_blk = v[:, :, start : start + block].to(acc)  # (batch, heads, length, head_dim)
+        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v_blk)  # (batch, heads, head_dim, head_dim)
         z = z + phi_k.sum(dim=2)  # (batch, heads, head_dim)
     state = torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, heads, head_dim, head_dim + 1): (S | z)
-    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
+    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim), the input dtype
     for start in range(0, seq_len, block):
-        phi_q = phi(q[:, :, start : start + block])  # (batch, heads, length, head_dim)
+        phi_q = phi(q[:, :, start : start + block]).to(acc)  # (batch, heads, length, head_dim)
         _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, heads, length, head_dim + 1)
     return out
 
@@ -160,9 +185,10 @@ def _causal(
     """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks."""
     batch, heads, seq_len, dim = q.shape
     dim_v = v.shape[-1]
+    acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
     # state = sum over the positions before the block of phi(k) (v | 1)^T; its last column is z
-    state = q.new_zeros(batch, heads, dim, dim_v + 1)  # (batch, heads, head_dim, head_dim + 1)
-    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
+    state = q.new_zeros(batch, heads, dim, dim_v + 1, dtype=acc)  # (batch, heads, head_dim, head_dim + 1)
+    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim), the input dtype
     for start in range(0, seq_len, block):
         stop = min(start + block, seq_len)
         # padding (only in the last block) goes after every real position: causally invisible,
@@ -176,15 +202,17 @@ def _causal(
         k_c = k_blk.view(batch, heads, n_chunks, chunk, dim)  # (batch, heads, n_chunks, chunk, head_dim)
         v_c = v_blk.view(batch, heads, n_chunks, chunk, dim_v + 1)  # (batch, heads, n_chunks, chunk, head_dim + 1)
 
-        # within a chunk: the quadratic form, key j visible to query i when j <= i
+        # within a chunk: the quadratic form, key j visible to query i when j <= i (in the input dtype)
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).tril_()  # (batch, heads, n_chunks, chunk, chunk)
-        # across chunks: exclusive prefix sums of the chunk states, starting from the carried state
-        chunk_states = torch.matmul(k_c.transpose(-2, -1), v_c)  # (batch, heads, n_chunks, head_dim, head_dim + 1)
+        # across chunks: exclusive prefix sums of the chunk states, starting from the carried state (in acc)
+        k_t = k_c.transpose(-2, -1).to(acc)  # (batch, heads, n_chunks, head_dim, chunk)
+        chunk_states = torch.matmul(k_t, v_c.to(acc))  # (batch, heads, n_chunks, head_dim, head_dim + 1)
         prefix = torch.cat([state.unsqueeze(2), chunk_states[:, :, :-1]], dim=2)  # (batch, heads, n_chunks, ...)
         prefix = prefix.cumsum(dim=2)  # (batch, heads, n_chunks, head_dim, head_dim + 1)
         state = prefix[:, :, -1] + chunk_states[:, :, -1]  # (batch, heads, head_dim, head_dim + 1)
 
-        num = torch.matmul(q_c, prefix) + torch.matmul(scores, v_c)  # (batch, heads, n_chunks, chunk, head_dim + 1)
+        # (batch, heads, n_chunks, chunk, head_dim + 1), in acc
+        num = torch.matmul(q_c.to(acc), prefix) + torch.matmul(scores, v_c)
         _store(out, start, num.view(batch, heads, padded, dim_v + 1), eps=eps)
     return out
 
@@ -204,7 +232,7 @@ def linear_attention(
     assert eps > 0, f"eps must be > 0, got {eps}"
     phi = feature_map(feature_map_name)
     chunk = min(chunk_size, q.shape[2])
-    block = _block_positions(q.shape, chunk=chunk, causal=causal)
+    block = _block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
     if causal:
         return _causal(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)
     return _noncausal(q, k, v, phi=phi, block=block, eps=eps)
@@ -273,22 +301,25 @@ class LinearAttention(AttentionModule):
         return batch * heads * per_head
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None):
         d = head_dim
         chunk = min(config.chunk_size, seq_len)
-        block = min(
-            _block_positions((batch, heads, seq_len, d), chunk=chunk, causal=causal), cls._padded_len(config, seq_len)
+        block = min(  # the device's step, as forward cuts it
+            _block_positions((batch, heads, seq_len, d), chunk=chunk, causal=causal, device=device),
+            cls._padded_len(config, seq_len),
         )
+        acc = max(itemsize, 4)  # the sums' bytes per element: float32 for half inputs
+        cast = acc if itemsize < 4 else 0  # half inputs: the float32 copies of a state product's operands
         if not causal:
-            # a block's phi(K) or phi(Q), product and quotient; the carried state and its update
-            per_block = 3.0 * block * (d + 1)
+            # a block's phi(K) or phi(Q) (and its copy in acc), product and quotient
+            per_block = block * (d + 1) * (itemsize + 2 * acc + cast)
         else:
             n_chunks = block // chunk
             per_block = (
-                3.0 * block * (d + 1)  # the block's phi(Q), phi(K), (V | 1)
-                + block * chunk  # masked scores
-                + 3.0 * n_chunks * d * (d + 1)  # chunk states, shifted copy, prefix sums
-                + 3.0 * block * (d + 1)  # the two products and their sum
+                (3.0 * block * (d + 1) + block * chunk) * itemsize  # the block's phi(Q), phi(K), (V | 1); scores
+                + 3.0 * n_chunks * d * (d + 1) * acc  # chunk states, shifted copy, prefix sums
+                + block * (d + 1) * (2 * acc + itemsize)  # the two products and their sum
+                + 3.0 * block * (d + 1) * cast  # phi(Q), phi(K), (V | 1) in acc
             )
-        elements = seq_len * d + per_block + 2.0 * d * (d + 1)  # the output; temporaries; the carried state
-        return batch * heads * elements * itemsize
+        # the output; temporaries; the carried state
+        return batch * heads * (seq_len * d * itemsize + per_block + 2.0 * d * (d + 1) * acc)

@@ -167,7 +167,7 @@ class LocalAttention(AttentionModule):
         first, end = geo.interior
         if first < end:
             # edge blocks [0, first) and [end, n_blocks) have masks of their own; the interior goes in chunks
-            step = max(1, blocks.CHUNK_ELEMENTS // (rows * geo.block * head_dim))
+            step = max(1, blocks.chunk_elements(q.device) // (rows * geo.block * head_dim))
             ranges = [(0, first, edge_keep[:first])]
             ranges += [(start, min(start + step, end), interior_keep) for start in range(first, end, step)]
             ranges.append((end, geo.n_blocks, edge_keep[first:]))
@@ -210,7 +210,9 @@ class LocalAttention(AttentionModule):
         return 4.0 * batch * heads * geo.n_blocks * geo.block * geo.span * head_dim
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None):
+        # an upper bound over every chunk size (all blocks at once), so the device's chunk size does not enter;
+        # the device and dtype do where "sdpa" falls back to PyTorch's math path, which writes the scores out
         geo = _geometry(config, seq_len=seq_len, causal=causal)
         rows = batch * heads
         padded = geo.n_blocks * geo.block
@@ -219,7 +221,7 @@ class LocalAttention(AttentionModule):
         total += (geo.block * geo.span) * (1 + geo.n_blocks - (geo.interior[1] - geo.interior[0]))  # bool masks
         # an upper bound: all blocks' scores (alive together under autograd; one chunk's worth without it)
         scores = rows * padded * geo.span * itemsize
-        if config.kernel == "matmul":
+        if config.kernel == "matmul" or not blocks.sdpa_is_fused(device, dtype, itemsize=itemsize):
             # scores, exponentials, probabilities; matmul copies the strided key and value windows
             total += 3 * scores + 2 * rows * geo.n_blocks * geo.span * head_dim * itemsize
         else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -61,6 +62,8 @@ ENTRY_POINT_GROUP = "attention_impls"
 IMPORT_ENV_VAR = "ATTNBENCH_IMPORT"
 BUILTIN_SOURCE = "built-in"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# keywords of memory_bytes that an implementation may leave out of its signature (AttentionModule.memory_bytes)
+_OPTIONAL_ESTIMATE_KEYWORDS = frozenset({"device", "dtype"})
 
 
 class RegistryError(Exception):
@@ -216,6 +219,18 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _estimate_keywords(cls: type[AttentionModule]) -> frozenset[str]:
+    """The optional keywords (device, dtype) that ``cls.memory_bytes`` declares, read once per class."""
+    try:
+        parameters = inspect.signature(cls.memory_bytes).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin or C callable): pass none of them
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return _OPTIONAL_ESTIMATE_KEYWORDS
+    return _OPTIONAL_ESTIMATE_KEYWORDS & parameters.keys()
+
+
 @dataclasses.dataclass(frozen=True)
 class ImplSpec:
     """One implementation with one config: what ``get`` returns. A fresh value each time."""
@@ -311,8 +326,24 @@ class ImplSpec:
         )
 
     def memory_bytes(
-        self, *, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int, causal: bool = False
+        self,
+        *,
+        batch: int,
+        heads: int,
+        seq_len: int,
+        head_dim: int,
+        itemsize: int,
+        causal: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
     ) -> float:
+        """The class's estimate; ``device`` ("cuda:1" or a torch.device is fine) reaches it as its type, ``dtype``
+        as its name ("float16"), each only if its ``memory_bytes`` declares it."""
+        optional = {
+            "device": torch.device(device).type,
+            "dtype": str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype,
+        }
+        accepted = _estimate_keywords(self.module_cls)
         return float(
             self.module_cls.memory_bytes(
                 self.config,
@@ -322,6 +353,7 @@ class ImplSpec:
                 head_dim=head_dim,
                 itemsize=itemsize,
                 causal=causal,
+                **{key: value for key, value in optional.items() if key in accepted},
             )
         )
 

@@ -201,13 +201,16 @@ def _keep_mask(layout: BlockLayout, *, seq_len: int, block: int, causal: bool) -
     return keep.unsqueeze(1)  # (n_rows, 1, block, K*block)
 
 
-def _chunks(layout: BlockLayout, *, rows: int, block: int, head_dim: int) -> list[tuple[int, int, int]]:
+def _chunks(
+    layout: BlockLayout, *, rows: int, block: int, head_dim: int, device: str | torch.device
+) -> list[tuple[int, int, int]]:
     """(start, stop, width): consecutive layout rows computed together, and the slots their widest row uses.
 
-    A chunk gathers about ``blocks.CHUNK_ELEMENTS`` key (or value) elements, then is trimmed to its widest row.
+    A chunk gathers about ``blocks.chunk_elements(device)`` key (or value) elements, then is trimmed to its
+    widest row.
     """
     n_rows, slots = layout.index.shape
-    step = max(1, blocks.CHUNK_ELEMENTS // (rows * slots * block * head_dim))
+    step = max(1, blocks.chunk_elements(device) // (rows * slots * block * head_dim))
     used = layout.valid.sum(dim=1)  # (n_rows,)
     return [
         (start, min(start + step, n_rows), max(1, int(used[start : start + step].max())))
@@ -241,7 +244,7 @@ class SparseAttention(AttentionModule):
             layout = block_layout(self.config, seq_len=seq_len, causal=causal)
             keep = _keep_mask(layout, seq_len=seq_len, block=block, causal=causal)  # (n_rows, 1, 1|block, K*block)
             chunks = []
-            for start, stop, width in _chunks(layout, rows=rows, block=block, head_dim=head_dim):
+            for start, stop, width in _chunks(layout, rows=rows, block=block, head_dim=head_dim, device=device):
                 index = layout.index[start:stop, :width].flatten()  # ((stop - start) * width,)
                 chunk_keep = keep[start:stop, :, :, : width * block].contiguous()  # (stop - start, 1, ., width*block)
                 offset = layout.dense_rows
@@ -311,29 +314,31 @@ class SparseAttention(AttentionModule):
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
         # Q K^T and P V over every gathered slot (unused slots, padding and the masked diagonal half included),
-        # plus the dense global rows
+        # plus the dense global rows; counted with the CPU's chunks (flops takes no device: a chunk is trimmed to
+        # its widest row, so larger chunks may compute a few more unused slots)
         layout = block_layout(config, seq_len=seq_len, causal=causal)
         block = config.block_size
-        chunks = _chunks(layout, rows=batch * heads, block=block, head_dim=head_dim)
+        chunks = _chunks(layout, rows=batch * heads, block=block, head_dim=head_dim, device="cpu")
         sparse = sum((stop - start) * width for start, stop, width in chunks) * block * block
         dense = min(layout.dense_rows * block, seq_len) * seq_len
         return 4.0 * batch * heads * (sparse + dense) * head_dim
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None):
         layout = block_layout(config, seq_len=seq_len, causal=causal)
         n_rows, slots = layout.index.shape
         block = config.block_size
         rows = batch * heads
         padded = layout.n_blocks * block
-        chunks = _chunks(layout, rows=rows, block=block, head_dim=head_dim)
+        chunks = _chunks(layout, rows=rows, block=block, head_dim=head_dim, device=device)  # as forward cuts them
         chunk_keys = max(((stop - start) * width * block for start, stop, width in chunks), default=0)
         dense_scores = min(layout.dense_rows * block, seq_len) * seq_len
         # padded q, k, v; the output and (under autograd) its parts; the gathered blocks of one chunk
         total = rows * (3 * padded + 3 * padded + 2 * chunk_keys) * head_dim * itemsize
         total += n_rows * (block if causal else 1) * slots * block  # the bool keep mask (cached in the module)
-        if config.kernel == "matmul":
+        if config.kernel == "matmul" or not blocks.sdpa_is_fused(device, dtype, itemsize=itemsize):
             # scores, exponentials and probabilities of one chunk and of the dense rows; matmul's copies
+            # (also "sdpa" where PyTorch falls back to its math path, which writes the scores out)
             total += 3 * rows * (chunk_keys * block + dense_scores) * itemsize
             total += 2 * rows * chunk_keys * head_dim * itemsize
         else:

@@ -18,6 +18,8 @@ MODES = ("fwd", "fwd+bwd")
 SCOPES = ("attention", "layers")
 RESIDUALS = ("standard", "reversible")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# without --dtypes: float32 on the CPU; bfloat16 on a GPU, where the fused kernels (FlashAttention) need half precision
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "mps": "bfloat16"}
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MAX_SEQ_LEN = 1 << 24
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -197,7 +199,7 @@ class GridRequest:
 
     impls: tuple[str, ...]  # names or wildcards
     seq_lens: tuple[int, ...]  # the key/value length
-    dtypes: tuple[str, ...]
+    dtypes: tuple[str, ...] | None  # None: each device's default (DEFAULT_DTYPES)
     modes: tuple[str, ...]
     batch: int
     heads: int

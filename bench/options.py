@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# the timers of bench.measure.timing ("auto": cuda-events on CUDA, clock elsewhere); here, to stay torch-free
+TIMERS = ("auto", "clock", "cuda-events")
 # without --budget-gb, a case estimated above this share of the memory free at start is skipped
 BUDGET_FRACTION = 0.6
 DEFAULT_OUT = Path("results/sweep.jsonl")
@@ -41,6 +43,14 @@ def at_least(minimum: int) -> Check:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
         return None if ok else f"must be an integer >= {minimum}"
 
+    return check
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    check.choices = choices  # type: ignore[attr-defined]
     return check
 
 
@@ -76,6 +86,18 @@ class MeasureOptions:
         help="measure rel_error against exact float64 attention up to this length (0: never)",
         check=at_least(0),
     )
+    timer: str = option(
+        "auto",
+        flag="--timer",
+        help="clock: perf_counter after syncing the case's device; cuda-events: CUDA events; auto: events on CUDA",
+        check=one_of(TIMERS),
+    )
+    flush_cache: bool = option(
+        False, flag="--flush-cache", help="overwrite a buffer larger than the L2/L3 cache before every timed call"
+    )
+    tf32: bool = option(
+        False, flag="--tf32", help="let float32 matmuls and convolutions on CUDA use TF32 tensor cores (off: IEEE fp32)"
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -104,6 +126,18 @@ class SweepOptions:
     )
     threads: int | None = option(
         None, flag="--threads", help="intra-op threads of the worker (default: physical cores)", check=at_least(1)
+    )
+    processes: int = option(
+        2,
+        flag="--processes",
+        help="worker processes that measure each case, one round of the sweep each; the samples and minimum "
+        "time are shared among them, and a case whose processes disagree is flagged unstable",
+        check=at_least(1),
+    )
+    pin: bool = option(
+        True,
+        flag="--no-pin",
+        help="do not pin the worker's threads to cores (pinned: one OpenMP thread per core, the worker on the first cores)",
     )
     force: bool = option(False, flag="--force", help="run again cases already in the results file")
     retry_failed: bool = option(

@@ -5,7 +5,8 @@ file so that one run at a time writes it; readers are bounded per line (``MAX_LI
 the lines they skip (:class:`Problem`) the same way for every command.
 
 Schema history (``schema_version``):
-  1 — first version: the fields of ``RECORD_FIELDS`` below.
+  1 — the fields of ``RECORD_FIELDS`` below. Fields added since are optional (a record without ``process``
+      is process 0 of its case), so every version-1 file stays readable.
 
 Never imports torch: reports are rebuilt from ``results/`` alone.
 """
@@ -27,7 +28,19 @@ STATUSES = ("ok", "oom", "timeout", "error", "crashed", "skipped")
 # a case that ran and did not finish: ``--retry-failed`` runs these again
 FAILED_STATUSES = ("error", "timeout", "oom", "crashed")
 # env fields that must agree for two records to be comparable (and for a finished case to be reused)
-ENV_IDENTITY_FIELDS = ("host", "cpu_model", "gpu_name", "torch_version", "num_threads")
+# (the conditions too: TF32, the FLOP convention, the GPU's driver, CUDA and cuDNN)
+ENV_IDENTITY_FIELDS = (
+    "host",
+    "cpu_model",
+    "gpu_name",
+    "gpu_driver",
+    "torch_version",
+    "cuda_version",
+    "cudnn_version",
+    "num_threads",
+    "tf32",
+    "flop_convention",
+)
 # a longer line is no record of ours: it is reported and skipped without being held in memory
 MAX_LINE_BYTES = 16 * 2**20
 _SKIP_CHUNK_BYTES = 2**20
@@ -58,12 +71,20 @@ RECORD_FIELDS = (
     Field("samples", "list", "seconds per call, one value per sample"),
     Field("n_samples", "number", "how many samples"),
     Field("calls_per_sample", "number", "back-to-back calls timed as one sample"),
+    Field("timer", "text", "clock (perf_counter after syncing the case's device) or cuda-events"),
     Field("noisy", "bool", "IQR / median above 0.1"),
+    Field("process", "number", "which of the run's worker processes measured this record (0: the first)", False),
+    Field("processes", "number", "worker processes that measure each case (pooled: those that finished ok)", False),
+    Field("process_medians_s", "list", "pooled records only: each process's median"),
+    Field("process_spread", "number", "pooled: range of the process medians over the pooled median"),
+    Field("within_spread", "number", "pooled: median over processes of IQR / median"),
+    Field("unstable", "bool", "pooled: the processes disagree (bench.pooling) or one did not finish"),
     Field("measured_s", "number", "seconds inside timed calls, warm-up included"),
     Field("peak_bytes", "number", "allocator-level peak above what was resident before the call"),
     Field("rss_peak_bytes", "number", "process RSS high-water mark during the call"),
     Field("rss_before_bytes", "number", "process RSS before the call", in_tables=False),
     Field("memory_method", "text", "how peak_bytes was measured"),
+    Field("sdpa_backend", "text", "the scaled_dot_product_attention backends the call ran (flash, math, ...)"),
     Field("flops", "number", "floating-point operations of one call"),
     Field("achieved_flops_per_s", "number", "flops / median_s"),
     Field("roofline", "number", "achieved FLOP/s over the matmul peak measured at the start of the run"),

@@ -9,7 +9,8 @@ from cli_helpers import attnbench
 
 def test_param_records_only_the_overrides(tmp_path) -> None:
     out = tmp_path / "params.jsonl"
-    common = ["run", "--seq-lens", "64", "--modes", "fwd", "--min-time", "0.01", "--quiet", "--out", str(out)]
+    common = ["run", "--seq-lens", "64", "--modes", "fwd", "--min-time", "0.01", "--quiet", "--processes", "1"]
+    common += ["--out", str(out)]
     first = attnbench(*common, "--impls", "linformer", "--param", "linformer.k=32")
     assert first.returncode == 0, first.stderr
     # the default value passed explicitly names the same case as no --param at all

@@ -79,7 +79,7 @@ def test_two_runs_on_one_file(tmp_path) -> None:
     """
     out = tmp_path / "r.jsonl"
     args = ["run", "--impls", "sdpa,fault_hang", "--seq-lens", "16", "--modes", "fwd", "--min-time", "0.01"]
-    args += ["--timeout", "20", "--quiet"]
+    args += ["--timeout", "20", "--quiet", "--processes", "1"]
     first = subprocess.Popen(
         [sys.executable, "-m", "bench.cli", *args, "--out", str(out)],
         env=cli_env(ATTNBENCH_IMPORT="fault_impls"),

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["run", "--impls", "full,sdpa", "--seq-lens", "16:512:x2", "--modes", "fwd", "--min-time", "0.01", "--quiet"]
 TOTAL = 2 * 6
+PROCESSES = 2  # the default: every case is measured in two worker processes, a record each
 
 
 def _lines(path) -> list[str]:
@@ -39,15 +40,16 @@ def test_sigkill_then_resume(tmp_path) -> None:
     proc.wait()
     before = out.read_bytes()
     finished = [json.loads(line) for line in before.decode().splitlines() if line.endswith("}")]
-    assert 3 <= len(finished) < TOTAL, "the kill should land mid-sweep"
+    assert 3 <= len(finished) < TOTAL, "the kill should land mid-sweep, in the first round"
+    assert all(r["process"] == 0 for r in finished)
 
     result = attnbench(*ARGS, "--out", str(out))
     assert result.returncode == 0, result.stderr
     after = out.read_bytes()
     assert after.startswith(before), "records written before the kill must stay as they were"
     records = [json.loads(line) for line in after.decode().splitlines() if line.strip()]
-    keys = [json.dumps(r["case"], sort_keys=True) for r in records]
-    assert len(keys) == len(set(keys)) == TOTAL, "every case exactly once"
+    keys = [(json.dumps(r["case"], sort_keys=True), r["process"]) for r in records]
+    assert len(keys) == len(set(keys)) == PROCESSES * TOTAL, "every case exactly once in each process"
     assert all(r["status"] == "ok" for r in records)
     assert f"{TOTAL - len(finished)} run, {len(finished)} already done" in result.stdout
 
@@ -69,4 +71,4 @@ def test_truncated_and_corrupt_lines_are_reported_and_skipped(tmp_path) -> None:
     assert ":3: truncated line" in result.stderr
     lines = out.read_text().splitlines()
     records = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
-    assert sorted(r["case"]["seq_len"] for r in records) == [16, 32]
+    assert sorted((r["case"]["seq_len"], r["process"]) for r in records) == [(16, 0), (16, 1), (32, 0), (32, 1)]

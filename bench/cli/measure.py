@@ -58,7 +58,9 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
     return grid.GridRequest(
         impls=tuple(item.strip() for item in args.impls.split(",") if item.strip()) or ("*",),
         seq_lens=tuple(grid.parse_seq_lens(args.seq_lens)),
-        dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype")),
+        dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype"))
+        if args.dtypes is not None
+        else None,
         modes=tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode")),
         batch=args.batch,
         heads=args.heads,
@@ -110,18 +112,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _add_option_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One flag per options field: its flag, default, help and type all come from the field."""
-    types = {"float": float, "int": int, "float | None": float, "int | None": int, "Path": Path}
+    types = {"float": float, "int": int, "float | None": float, "int | None": int, "Path": Path, "str": str}
     for f in cli_fields(cls):
         meta = f.metadata
         help_text = meta["help"].replace("%", "%%")
         if f.type == "bool":
-            p.add_argument(meta["flag"], dest=f.name, action="store_true", help=help_text)
+            action = "store_false" if f.default else "store_true"  # a flag turns its default around
+            p.add_argument(meta["flag"], dest=f.name, action=action, help=help_text)
         else:
             p.add_argument(
                 meta["flag"],
                 dest=f.name,
                 type=types[f.type],
                 default=f.default,
+                choices=getattr(meta["check"], "choices", None),
                 metavar=meta["metavar"] or meta["flag"].lstrip("-").replace("-", "_").upper(),
                 help=help_text,
             )
@@ -135,8 +139,9 @@ def add_run_parser(sub) -> None:
     p.add_argument(
         "--seq-lens", default="256:16384:x2", help="list and/or ranges: 256,512 or 256:16384:x2 or 1024:8192:+1024"
     )
-    p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda when present, else cpu)")
-    p.add_argument("--dtypes", default="float32", help=f"comma-separated, from {', '.join(grid.DTYPES)}")
+    p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda, else mps, else cpu)")
+    defaults = ", ".join(f"{dtype} on {device}" for device, dtype in grid.DEFAULT_DTYPES.items())
+    p.add_argument("--dtypes", help=f"comma-separated, from {', '.join(grid.DTYPES)} (default: {defaults})")
     p.add_argument("--modes", default="fwd,fwd+bwd", help=f"comma-separated, from {', '.join(grid.MODES)}")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--heads", type=int, default=8, help="attention heads")

@@ -7,6 +7,8 @@ Run once per sweep inside a worker (it needs torch); its result goes into every 
 from __future__ import annotations
 
 import datetime
+import itertools
+import os
 import platform
 import socket
 import subprocess
@@ -27,9 +29,22 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192, "mps": 4096}
+# backward FLOPs per forward FLOP: each forward matmul has two in the backward (no recomputation counted)
+BACKWARD_FLOP_FACTOR = 2.0
+# how ``flops`` counts, stated in every record's environment: results that count differently never share a curve
+FLOP_CONVENTION = (
+    "forward: the work each implementation performs (masked work it computes counts, work it skips does not; "
+    f"sdpa's fused kernels skip the causal half); fwd+bwd: {1 + BACKWARD_FLOP_FACTOR:g} x forward"
+)
 # the matmul peak's own timing: short, and enough samples for a stable median
 PEAK_MIN_TIME_S = 0.3
 PEAK_MIN_SAMPLES = 5
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA: set explicitly, never left to the default."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _cpu_model() -> str:
@@ -40,6 +55,19 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _affinity() -> str | None:
+    """The CPUs this process may run on, e.g. ``0-1`` (None where the system does not say)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    ranges, start = [], cpus[0]
+    for previous, cpu in itertools.pairwise([*cpus, None]):
+        if cpu != previous + 1:
+            ranges.append(f"{start}-{previous}" if previous != start else str(start))
+            start = cpu
+    return ",".join(ranges)
 
 
 def _git_commit() -> str | None:
@@ -95,12 +123,18 @@ def matmul_peak_flops(device: str, dtype: str, *, num_threads: int) -> float:
     a = torch.randn(size, size, device=device).to(TORCH_DTYPES[dtype])
     b = torch.randn(size, size, device=device).to(TORCH_DTYPES[dtype])
     stats = time_callable(
-        lambda: torch.matmul(a, b), min_time_s=PEAK_MIN_TIME_S, min_samples=PEAK_MIN_SAMPLES, num_threads=num_threads
+        lambda: torch.matmul(a, b),
+        device=device,
+        min_time_s=PEAK_MIN_TIME_S,
+        min_samples=PEAK_MIN_SAMPLES,
+        num_threads=num_threads,
     )
     return 2.0 * size**3 / stats.median_s
 
 
-def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int) -> dict[str, Any]:
+def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32: bool = False) -> dict[str, Any]:
+    """The environment of a sweep; the matmul peaks are measured in the sweep's math mode (TF32 or not)."""
+    set_tf32(tf32)
     problems = [p for d in devices for t in dtypes if (p := device_problem(d, t))]
     env: dict[str, Any] = {
         "host": socket.gethostname(),
@@ -109,12 +143,17 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int) -> d
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "cpu_cores_logical": psutil.cpu_count(logical=True),
         "num_threads": num_threads,
+        "cpu_affinity": _affinity(),
+        "omp_proc_bind": os.environ.get("OMP_PROC_BIND"),
         "memory_total_bytes": psutil.virtual_memory().total,
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
+        "cudnn_version": None,
         "gpu_name": None,
         "gpu_driver": None,
+        "tf32": tf32,
+        "flop_convention": FLOP_CONVENTION,
         "attnbench_version": bench.__version__,
         "git_commit": _git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -125,6 +164,7 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int) -> d
     if cuda_devices and torch.cuda.is_available():
         env["gpu_name"] = torch.cuda.get_device_name(torch.device(cuda_devices[0]))
         env["gpu_driver"] = _nvidia_driver()
+        env["cudnn_version"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if problems:
         return {"env": env, "problems": problems}
     for device in devices:

@@ -1,4 +1,9 @@
-"""Peak memory of one call, per device.
+"""Peak memory of one call, per device, and the operators it ran.
+
+Before the baseline is read, ``reset()`` (when given) drops what the previous call left behind
+that the next call frees and allocates again: the gradients of a training step. Without it the
+old gradients would count in the baseline and the new ones would reuse their freed bytes inside
+the call, so the peak would leave the gradients out.
 
 * CUDA: the caching allocator's peak (``max_memory_allocated`` after
   ``reset_peak_memory_stats``) minus what was allocated before the call.
@@ -10,7 +15,14 @@
   high-water mark (``VmHWM``), reset before the call through
   ``/proc/self/clear_refs``: it sees everything (Python objects, library
   workspaces) but also allocator caching and page granularity.
-* MPS: ``torch.mps.driver_allocated_memory`` before and after (no peak API).
+* MPS: no peak API. The cache is emptied first, then the driver's allocation is read before and
+  after the call while its output is still held: the pool grows to the call's working set, so
+  the growth approximates the peak (``mps-driver-approx``: caching and fragmentation can make it
+  larger than the true peak, reuse within the call can not make it smaller than the output).
+
+The call runs under the profiler on every device (CPU-side operator events only, no memory
+events off the CPU): ``ops`` names the aten operators it dispatched, e.g. which
+``scaled_dot_product_attention`` backend ran.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ class MemoryStats:
     rss_peak_bytes: int | None  # process RSS high-water mark during the call (absolute)
     rss_before_bytes: int | None  # process RSS before the call
     method: str  # how peak_bytes was measured
+    ops: frozenset[str] = frozenset()  # aten operators the call dispatched
 
 
 def _read_status_kib(field: str) -> int | None:
@@ -78,51 +91,72 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def _cpu_allocator_peak(fn: Callable[[], object]) -> int:
+def _profiled(fn: Callable[[], object], *, profile_memory: bool) -> tuple[object, list]:
+    """Run ``fn()`` under the profiler (CPU activity): its result and the recorded events."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
-    ]
-    events.sort(key=lambda e: e.start_ns())
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=profile_memory) as prof:
+        result = fn()
+    return result, list(prof.profiler.kineto_results.events())
+
+
+def _op_names(events: list) -> frozenset[str]:
+    return frozenset(e.name() for e in events if e.name().startswith("aten::"))
+
+
+def cpu_allocator_peak(events: list) -> int:
+    """The most bytes held at once above the start, from the profiler's CPU ``[memory]`` events."""
+    memory = [e for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    memory.sort(key=lambda e: e.start_ns())
     held = peak = 0
-    for event in events:
+    for event in memory:
         held += event.nbytes()  # positive for an allocation, negative for a free
         peak = max(peak, held)
     return peak
 
 
-def measure_peak(fn: Callable[[], object], *, device: str) -> MemoryStats:
-    """Run ``fn()`` once and report its peak memory on ``device``."""
+def measure_peak(fn: Callable[[], object], *, device: str, reset: Callable[[], object] | None = None) -> MemoryStats:
+    """Run ``fn()`` once and report its peak memory on ``device`` (see the module docstring)."""
     dev = torch.device(device)
+    if reset is not None:
+        reset()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        fn()
+        _result, events = _profiled(fn, profile_memory=False)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before
         return MemoryStats(
-            peak_bytes=int(peak), rss_peak_bytes=None, rss_before_bytes=rss_bytes(), method="cuda-allocator"
+            peak_bytes=int(peak),
+            rss_peak_bytes=None,
+            rss_before_bytes=rss_bytes(),
+            method="cuda-allocator",
+            ops=_op_names(events),
         )
     if dev.type == "mps":
         torch.mps.synchronize()
+        torch.mps.empty_cache()
         before = torch.mps.driver_allocated_memory()
-        fn()
+        result, events = _profiled(fn, profile_memory=False)
         torch.mps.synchronize()
         after = torch.mps.driver_allocated_memory()
+        del result
         return MemoryStats(
             peak_bytes=max(0, int(after - before)),
             rss_peak_bytes=None,
             rss_before_bytes=rss_bytes(),
-            method="mps-driver",
+            method="mps-driver-approx",
+            ops=_op_names(events),
         )
     rss_before = rss_bytes()
     can_reset = reset_rss_high_water()
-    peak = _cpu_allocator_peak(fn)
+    _result, events = _profiled(fn, profile_memory=True)
     rss_peak = _read_status_kib("VmHWM") if can_reset else None
     return MemoryStats(
-        peak_bytes=int(peak), rss_peak_bytes=rss_peak, rss_before_bytes=rss_before, method="cpu-profiler"
+        peak_bytes=cpu_allocator_peak(events),
+        rss_peak_bytes=rss_peak,
+        rss_before_bytes=rss_before,
+        method="cpu-profiler",
+        ops=_op_names(events),
     )

@@ -6,21 +6,46 @@ how much memory it should need (for the budget), and the metadata its record car
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import subprocess
 from typing import Any
 
 import torch
 
 from attention_impls import registry
-from bench.cases import Case, GridError, GridRequest, expand_grid
+from bench.cases import DEFAULT_DTYPES, Case, GridError, GridRequest, expand_grid
 from bench.measure.env import TORCH_DTYPES
 
 # fwd+bwd keeps the forward's intermediates for the backward and adds gradients
 BACKWARD_MEMORY_FACTOR = 3.0
 
 
+def nvidia_gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU (``nvidia-smi -L`` lists one), whether torch can use it or not."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
 def default_devices() -> tuple[str, ...]:
-    """The GPU when there is one, else the CPU."""
-    return ("cuda",) if torch.cuda.is_available() else ("cpu",)
+    """CUDA, else Apple's MPS, else the CPU; GridError when a GPU is visible that this torch can not use."""
+    if torch.cuda.is_available():
+        return ("cuda",)
+    if nvidia_gpu_visible():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise GridError(
+            f"an NVIDIA GPU is visible (nvidia-smi) but torch {torch.__version__} ({build}) can not use it: "
+            "install a CUDA build of torch (README, GPU set-up) or pass --devices cpu"
+        )
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return ("mps",)
+    return ("cpu",)
 
 
 def resolve_impls(patterns: tuple[str, ...]) -> list[str]:
@@ -58,15 +83,16 @@ def _non_default_params(names: list[str], request: GridRequest) -> dict[str, dic
 def plan_cases(request: GridRequest) -> list[Case]:
     """Every case of the request, each curve from short to long; GridError or RegistryError on bad input."""
     names = resolve_impls(request.impls)
+    devices = request.devices or default_devices()
     cases: list[Case] = []
-    for name, params in _non_default_params(names, request).items():
+    for device, (name, params) in itertools.product(devices, _non_default_params(names, request).items()):
         # without --residual each implementation gets its own default (the Reformer: reversible)
         residuals = request.residuals or (registry.get(name).module_cls.default_residual,)
         cases += expand_grid(
             impls={name: params},
             seq_lens=request.seq_lens,
-            devices=request.devices or default_devices(),
-            dtypes=request.dtypes,
+            devices=(device,),
+            dtypes=request.dtypes or (DEFAULT_DTYPES[torch.device(device).type],),
             modes=request.modes,
             batch=request.batch,
             heads=request.heads,
@@ -108,6 +134,8 @@ def estimate_bytes(case: Case) -> float:
             causal=case.causal,
             residual=case.residual,
             mode=case.mode,
+            device=case.device,
+            dtype=case.dtype,
         )
     attention = spec.memory_bytes(
         batch=case.batch,
@@ -116,6 +144,8 @@ def estimate_bytes(case: Case) -> float:
         head_dim=case.head_dim,
         itemsize=case.itemsize,
         causal=case.causal,
+        device=case.device,
+        dtype=case.dtype,
     )
     inputs = 3 * case.batch * case.seq_len * case.d_model * case.itemsize
     if case.mode == "fwd+bwd":

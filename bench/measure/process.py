@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,32 @@ def classify_death(returncode: int, *, oom_kills_before: int | None, oom_kills_a
     return WorkerDied("crashed", f"worker exited with code {returncode}")
 
 
+def worker_environ(environ: Mapping[str, str], *, pin: bool) -> dict[str, str]:
+    """The worker's environment: pinned, each OpenMP thread bound to a core of its own (unless the user set it)."""
+    env = dict(environ)
+    if pin:
+        env.setdefault("OMP_PROC_BIND", "close")
+        env.setdefault("OMP_PLACES", "cores")
+    return env
+
+
+def pin_to_cores(threads: int) -> None:
+    """Confine this process to the first ``threads`` CPUs it may run on (Linux; elsewhere nothing)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[: max(1, threads)])
+
+
 class WorkerProcess:
     """One ``python -m bench.measure.worker`` child, spoken to in JSON lines."""
 
-    def __init__(self, *, threads: int, log_dir: Path) -> None:
+    def __init__(self, *, threads: int, log_dir: Path, pin: bool = True) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=log_dir, delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
+            env=worker_environ(os.environ, pin=pin),
+            preexec_fn=(lambda: pin_to_cores(threads)) if pin else None,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

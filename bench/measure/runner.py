@@ -1,7 +1,15 @@
-"""The sweep: schedule cases on an isolated worker process, enforce time-outs and the memory budget, resume.
+"""The sweep: schedule cases on isolated worker processes, enforce time-outs and the memory budget, resume.
 
-Each case runs in a worker process (``bench.measure.process``) that is reused across cases while it
-stays healthy. A case that raises is recorded by the worker (``error``, ``oom`` for an allocation
+The sweep runs in rounds, ``processes`` of them (``--processes``): round 0 measures every case (time,
+memory, approximation error) from short to long, stopping a curve where it would fail; each later
+round measures again, in a fresh worker process and in the opposite order, the cases that round 0
+finished ``ok`` (time only), so each case's samples come from several processes spread over the
+sweep, as pyperf's processes and asv's interleaved rounds do. Each round writes a record per case
+(``process`` = the round); readers pool them (``bench.pooling``).
+
+Within a round the worker process (``bench.measure.process``) is reused across cases while it
+stays healthy; on an accelerator a case that is not ``ok`` replaces it (a sticky CUDA error, a
+device-side assert or a failed allocation can leave the context broken for every later case). A case that raises is recorded by the worker (``error``, ``oom`` for an allocation
 failure); a worker that passes the time-out is killed (``timeout``); one that dies is ``oom`` when the
 kernel's out-of-memory killer killed it and ``crashed`` otherwise (abort, segfault, exit, a kill from
 outside). In every case the worker is replaced and the sweep goes on.
@@ -50,6 +58,7 @@ class SweepSummary:
     measured_s: float
     ran: int
     reused: int
+    again: int = 0  # records of the later processes (rounds) of cases
 
     @property
     def overhead_share(self) -> float:
@@ -58,19 +67,29 @@ class SweepSummary:
     def lines(self) -> list[str]:
         counts = ", ".join(f"{status} {n}" for status, n in sorted(self.counts.items())) or "nothing run"
         return [
-            f"cases: {self.ran} run, {self.reused} already done; {counts}",
+            f"cases: {self.ran} run, {self.reused} already done; {counts}; {self.again} timed again in later processes",
             f"wall time {self.wall_s:.1f} s, inside measured calls {self.measured_s:.1f} s, "
             f"harness overhead {100 * self.overhead_share:.1f}%",
         ]
 
 
-def read_finished(path: Path) -> tuple[list[tuple[tuple, str, str]], list[str]]:
-    """(environment identity, case key, status) of every case recorded in ``path``, and the lines skipped.
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What a results file says was done: one per record."""
+
+    identity: tuple  # bench.results.env_identity of the record's environment
+    key: str  # the case key
+    process: int  # the round that measured it
+    status: str
+
+
+def read_finished(path: Path) -> tuple[list[Finished], list[str]]:
+    """What every record of ``path`` finished, and the lines skipped.
 
     One pass over the file, before the sweep probes its environment or runs anything: an unreadable
     file or another schema raises ResultsError here.
     """
-    finished: list[tuple[tuple, str, str]] = []
+    finished: list[Finished] = []
     problems: list[str] = []
     for number, record, problem in iter_records(path):
         if problem is not None:
@@ -83,18 +102,31 @@ def read_finished(path: Path) -> tuple[list[tuple[tuple, str, str]], list[str]]:
             problems.append(str(Problem(str(path), number, f"invalid case ({exc})")))
             continue
         env = record.get("env")
-        finished.append((env_identity(env if isinstance(env, dict) else {}), key, record["status"]))
+        identity = env_identity(env if isinstance(env, dict) else {})
+        process = record.get("process") or 0
+        finished.append(Finished(identity, key, process if isinstance(process, int) else 0, record["status"]))
     return finished, problems
 
 
-def done_keys(finished: list[tuple[tuple, str, str]], env: dict[str, Any], *, retry_failed: bool) -> set[str]:
-    """Keys of the finished cases measured in a comparable environment (less the failed ones, to retry them)."""
+def done_keys(finished: list[Finished], env: dict[str, Any], *, retry_failed: bool) -> set[tuple[str, int]]:
+    """(case key, process) of what was finished in a comparable environment (less the failures, to retry them)."""
     identity = env_identity(env)
     return {
-        key
-        for record_identity, key, status in finished
-        if record_identity == identity and not (retry_failed and status in FAILED_STATUSES)
+        (f.key, f.process)
+        for f in finished
+        if f.identity == identity and not (retry_failed and f.status in FAILED_STATUSES)
     }
+
+
+def first_statuses(finished: list[Finished], env: dict[str, Any]) -> dict[str, str]:
+    """Per case key, how its latest process-0 record in a comparable environment ended."""
+    identity = env_identity(env)
+    return {f.key: f.status for f in finished if f.identity == identity and f.process == 0}
+
+
+def needs_new_worker(case: Case, status: str) -> bool:
+    """On an accelerator a case that ran and did not finish ok may leave the device context broken."""
+    return status not in ("ok", "skipped") and not case.device.startswith("cpu")
 
 
 class Sweep:
@@ -114,7 +146,7 @@ class Sweep:
     # -- workers
     def worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.proc.poll() is not None:
-            self._worker = WorkerProcess(threads=self.threads, log_dir=self._log_dir)
+            self._worker = WorkerProcess(threads=self.threads, log_dir=self._log_dir, pin=self.options.pin)
         return self._worker
 
     def _drop_worker(self) -> None:
@@ -129,7 +161,8 @@ class Sweep:
         dtypes = sorted({case.dtype for case in self.cases})
         try:
             probe = self.worker().request(
-                {"op": "env", "devices": devices, "dtypes": dtypes}, timeout_s=ENV_PROBE_TIMEOUT_S
+                {"op": "env", "devices": devices, "dtypes": dtypes, "options": self.options.measure.to_json()},
+                timeout_s=ENV_PROBE_TIMEOUT_S,
             )
         except (WorkerDied, WorkerTimeout) as exc:
             self._drop_worker()
@@ -160,28 +193,33 @@ class Sweep:
                 )
         return None
 
-    def _outcome(self, case: Case, env: dict[str, Any], budget: dict[str, float]) -> dict[str, Any]:
+    def _outcome(self, case: Case, env: dict[str, Any], budget: dict[str, float], process: int) -> dict[str, Any]:
         """The measured fields of the case's record, or why it was skipped."""
+        peak = env["peak_flops_per_s"].get(f"{case.device}/{case.dtype}")
+        if process > 0:  # round 0 ran it to the end: only time it again
+            return self._run_one(case, peak, process)
         unsupported = unsupported_reason(case)  # checked first: estimates assume a config that can run
         if unsupported:
             return {"status": "skipped", "message": unsupported}
         estimate = estimate_bytes(case)
         reason = self._skip_reason(case, estimate, budget)
-        if reason is not None:
-            result = {"status": "skipped", "message": reason}
-        else:
-            result = self._run_one(case, env["peak_flops_per_s"].get(f"{case.device}/{case.dtype}"))
+        result = {"status": "skipped", "message": reason} if reason else self._run_one(case, peak, process)
         return {**result, "estimate_bytes": estimate}
 
-    def _run_one(self, case: Case, peak_flops_per_s: float | None) -> dict[str, Any]:
+    def _run_one(self, case: Case, peak_flops_per_s: float | None, process: int) -> dict[str, Any]:
         request = {
             "op": "case",
             "case": case.to_dict(),
             "options": self.options.measure.to_json(),
             "peak_flops_per_s": peak_flops_per_s,
+            "process": process,
+            "processes": self.options.processes,
         }
         try:
-            return self.worker().request(request, timeout_s=self.options.timeout_s)
+            result = self.worker().request(request, timeout_s=self.options.timeout_s)
+            if needs_new_worker(case, result["status"]):
+                self._drop_worker()
+            return result
         except WorkerTimeout:
             self._drop_worker()
             return {
@@ -205,25 +243,52 @@ class Sweep:
             for line in summarize_problems(problems):
                 self.log(line)
             env = self.probe_env()
+            for line in device_lines(self.cases, env):
+                self.log(line)
             done = set() if opts.force else done_keys(finished, env, retry_failed=opts.retry_failed)
-            todo = [case for case in self.cases if case.key() not in done]
+            first = {} if opts.force else first_statuses(finished, env)
             budget = {device: opts.budget_bytes(free) for device, free in env["free_bytes"].items()}
             counts: Counter = Counter()
             measured_s = 0.0
-            progress = _progress(len(todo), quiet=opts.quiet)
+            ran = again = 0
+            todo = [case for case in self.cases if (case.key(), 0) not in done]
+            later = sum((case.key(), p) not in done for case in self.cases for p in range(1, opts.processes))
+            progress = _progress(len(todo) + later, quiet=opts.quiet)
             try:
-                for case in todo:
-                    progress.set_postfix_str(case.label(), refresh=True)
-                    result = self._outcome(case, env, budget)
-                    record = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
-                    writer.write({**record, **result, "env": env})
-                    counts[result["status"]] += 1
-                    measured_s += result.get("measured_s") or 0.0
-                    if result["status"] != "skipped" or case.family_key() not in self._curve_last:
-                        self._curve_last[case.family_key()] = (case.seq_len, result["status"], result.get("median_s"))
-                    if result["status"] != "ok" and opts.quiet:
-                        self.log(f"{case.label()}: {result['status']}: {result.get('message')}")
-                    progress.update(1)
+                for process in range(opts.processes):
+                    order = self.cases if process % 2 == 0 else self.cases[::-1]
+                    for case in order:
+                        key = case.key()
+                        if (key, process) in done or (process > 0 and first.get(key) != "ok"):
+                            continue
+                        progress.set_postfix_str(f"{case.label()} [process {process}]", refresh=True)
+                        result = self._outcome(case, env, budget, process)
+                        record = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
+                        writer.write({**record, **result, "process": process, "processes": opts.processes, "env": env})
+                        measured_s += result.get("measured_s") or 0.0
+                        if process == 0:
+                            ran += 1
+                            counts[result["status"]] += 1
+                            first[key] = result["status"]
+                            if result["status"] != "skipped" or case.family_key() not in self._curve_last:
+                                self._curve_last[case.family_key()] = (
+                                    case.seq_len,
+                                    result["status"],
+                                    result.get("median_s"),
+                                )
+                        else:
+                            again += 1
+                        if result["status"] != "ok" and opts.quiet:
+                            self.log(f"{case.label()} [process {process}]: {result['status']}: {result.get('message')}")
+                        progress.update(1)
+                    if process == 0:  # the later rounds run only what round 0 finished ok
+                        progress.total = ran + sum(
+                            first.get(c.key()) == "ok" and (c.key(), p) not in done
+                            for c in self.cases
+                            for p in range(1, opts.processes)
+                        )
+                        progress.refresh()
+                    self._drop_worker()  # each round in a fresh process
             finally:
                 progress.close()
                 self._drop_worker()
@@ -231,8 +296,9 @@ class Sweep:
             counts=counts,
             wall_s=time.perf_counter() - started,
             measured_s=measured_s,
-            ran=len(todo),
+            ran=ran,
             reused=len(self.cases) - len(todo),
+            again=again,
         )
 
     def close(self) -> None:
@@ -240,6 +306,22 @@ class Sweep:
         for path in self._log_dir.glob("*"):
             path.unlink(missing_ok=True)
         self._log_dir.rmdir()
+
+
+def device_lines(cases: list[Case], env: dict[str, Any]) -> list[str]:
+    """What the sweep runs on, a line per device: printed at the start of every run."""
+    lines = []
+    for device in dict.fromkeys(case.device for case in cases):
+        dtypes = ", ".join(dict.fromkeys(case.dtype for case in cases if case.device == device))
+        if device.startswith("cuda"):
+            what = f"{env.get('gpu_name')}, driver {env.get('gpu_driver')}, CUDA {env.get('cuda_version')}"
+            what += f", TF32 {'on' if env.get('tf32') else 'off'}"
+        elif device == "mps":
+            what = "Apple GPU (MPS)"
+        else:
+            what = f"{env.get('cpu_model')}, {env.get('num_threads')} threads, affinity {env.get('cpu_affinity')}"
+        lines.append(f"device: {device} ({what}); dtypes: {dtypes}")
+    return lines
 
 
 def _progress(total: int, *, quiet: bool):

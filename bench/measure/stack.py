@@ -316,13 +316,22 @@ def stack_memory_bytes(
     causal: bool = False,
     residual: str = "standard",
     mode: str = "fwd",
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> float:
     """Rough upper estimate of the bytes one call allocates beyond its input (parameters included)."""
     head_dim = _head_dim_for(mode, d_model=d_model, heads=heads)
     params = depth * (d_model * d_model * (4 + 2 * ffn_mult) + d_model * (8 + ffn_mult)) * itemsize
     tokens = batch * seq_len
     attention = spec.memory_bytes(
-        batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, itemsize=itemsize, causal=causal
+        batch=batch,
+        heads=heads,
+        seq_len=seq_len,
+        head_dim=head_dim,
+        itemsize=itemsize,
+        causal=causal,
+        device=device,
+        dtype=dtype,
     )
     # one layer's live tensors: norm, q/k/v, attention output, projection, the FFN's hidden layer
     layer_work = attention + tokens * d_model * (8 + 2 * ffn_mult) * itemsize

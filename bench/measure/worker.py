@@ -6,7 +6,7 @@ measured code prints goes to stderr). The worker only measures; the parent decid
 enforces time-outs and replaces a worker that dies.
 
 Requests:
-  {"op": "env", "devices": [...], "dtypes": [...]}                -> bench.measure.env.collect_env
+  {"op": "env", "devices": [...], "dtypes": [...], "options": {...}} -> bench.measure.env.collect_env
   {"op": "case", "case": {...}, "options": {...},
    "peak_flops_per_s": x}                                         -> the measured fields of one record
   {"op": "exit"}
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -29,27 +31,48 @@ import torch
 from attention_impls import UnsupportedCase, get, registry
 from bench.cases import Case
 from bench.measure.accuracy import approximation_errors
-from bench.measure.env import TORCH_DTYPES, collect_env
+from bench.measure.env import BACKWARD_FLOP_FACTOR, TORCH_DTYPES, collect_env, set_tf32
 from bench.measure.memory import measure_peak
 from bench.measure.plan import unsupported_reason
-from bench.measure.timing import time_callable
+from bench.measure.timing import synchronize, time_callable
 from bench.options import MeasureOptions
 from bench.results import first_line
+
+# what an allocation failure says when it is not a torch.OutOfMemoryError: the CPU allocator, cuBLAS and
+# cuDNN failing to get their workspace, MPS
+OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cusolver_status_alloc_failed",
+    "mps backend out of memory",
+)
+# samples per worker process at least (a case's min_samples are shared among its processes)
+MIN_SAMPLES_PER_PROCESS = 2
+# the aten operators of torch.nn.functional.scaled_dot_product_attention's backends
+SDPA_BACKENDS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "fused-overrideable",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_attention_math_for_mps": "math-mps",
+}
 
 
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and any(message in text for message in OOM_MESSAGES)
 
 
-def synchronize(device: str) -> None:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    elif dev.type == "mps":
-        torch.mps.synchronize()
+def sdpa_backend(ops: frozenset[str]) -> str | None:
+    """Which scaled_dot_product_attention backends a call ran (``+``-joined), None when it ran none."""
+    used = sorted({name for op, name in SDPA_BACKENDS.items() if op in ops})
+    return "+".join(used) or None
 
 
 def _layer_stack(spec, case: Case, dtype: torch.dtype) -> torch.nn.Module:
@@ -86,8 +109,20 @@ def layer_stack_flops(spec, case: Case) -> float:
     )
 
 
-def prepare(case: Case, *, seed: int) -> tuple[Callable[[], object], float, Callable[[], dict[str, float]] | None]:
-    """The callable to measure, its FLOPs, and how to compute its approximation error (or None)."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    fn: Callable[[], object]  # one call of the case
+    flops: float  # FLOPs of one call (FLOP_CONVENTION)
+    errors: Callable[[], dict[str, float]] | None  # the approximation error against float64, or None
+    reset: Callable[[], None]  # drops what a call leaves for the next to free (the gradients)
+
+
+def _no_reset() -> None:
+    return None
+
+
+def prepare(case: Case, *, seed: int) -> Prepared:
+    """The callable to measure, its FLOPs, how to compute its approximation error, and how to reset it."""
     spec = get(case.impl, case.params_dict())
     dtype = TORCH_DTYPES[case.dtype]
     reason = unsupported_reason(case)
@@ -129,36 +164,54 @@ def prepare(case: Case, *, seed: int) -> tuple[Callable[[], object], float, Call
             with torch.no_grad():
                 return forward()
 
-        return fn, flops, errors
+        return Prepared(fn, flops, errors, _no_reset)
     for tensor in inputs:
         tensor.requires_grad_(True)
     leaves = [*inputs, *module.parameters()]
 
-    def fn():
+    def reset():
         for leaf in leaves:
             leaf.grad = None
+
+    def step():
+        reset()
         out = forward()
         out.float().sum().backward()
 
     if case.scope == "layers":
-        return fn, flops, errors  # stack_flops counts the backward (and the reversible recomputation)
-    # backward of attention costs about twice its forward (two matmuls per forward matmul)
-    return fn, 3.0 * flops, errors
+        return Prepared(
+            step, flops, errors, reset
+        )  # stack_flops counts the backward (and the reversible recomputation)
+    return Prepared(step, (1 + BACKWARD_FLOP_FACTOR) * flops, errors, reset)
 
 
-def run_case(case: Case, options: MeasureOptions, *, peak_flops_per_s: float | None = None) -> dict[str, Any]:
-    """Measure one case; never raises (the outcome is in ``status``). Returns the measured fields of its record."""
+def run_case(
+    case: Case,
+    options: MeasureOptions,
+    *,
+    peak_flops_per_s: float | None = None,
+    process: int = 0,
+    processes: int = 1,
+) -> dict[str, Any]:
+    """Measure one case; never raises (the outcome is in ``status``). Returns the measured fields of its record.
+
+    The case is measured in ``processes`` worker processes, this one being ``process``: each takes its
+    share of the minimum time and samples, and only process 0 measures memory and the approximation error.
+    """
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "ok", "message": None}
     try:
-        fn, flops, errors = prepare(case, seed=options.seed)
+        set_tf32(options.tf32)
+        prepared = prepare(case, seed=options.seed)
+        flops = prepared.flops
         stats = time_callable(
-            fn,
-            min_time_s=options.min_time_s,
-            min_samples=options.min_samples,
-            num_threads=torch.get_num_threads(),
+            prepared.fn,
+            device=case.device,
+            min_time_s=options.min_time_s / processes,
+            min_samples=max(MIN_SAMPLES_PER_PROCESS, math.ceil(options.min_samples / processes)),
+            timer=options.timer,
+            flush_cache=options.flush_cache,
         )
-        memory = measure_peak(fn, device=case.device)
         peak_flops = peak_flops_per_s
         result.update(
             median_s=stats.median_s,
@@ -168,18 +221,24 @@ def run_case(case: Case, options: MeasureOptions, *, peak_flops_per_s: float | N
             samples=stats.samples,
             n_samples=stats.n_samples,
             calls_per_sample=stats.calls_per_sample,
+            timer=stats.timer,
             noisy=stats.noisy,
             measured_s=stats.measured_s,
-            peak_bytes=memory.peak_bytes,
-            rss_peak_bytes=memory.rss_peak_bytes,
-            rss_before_bytes=memory.rss_before_bytes,
-            memory_method=memory.method,
             flops=flops,
             achieved_flops_per_s=flops / stats.median_s if stats.median_s > 0 else None,
             roofline=(flops / stats.median_s / peak_flops) if peak_flops and stats.median_s > 0 else None,
         )
-        if errors is not None and case.seq_len <= options.error_max_len:
-            result.update(errors())
+        if process == 0:
+            memory = measure_peak(prepared.fn, device=case.device, reset=prepared.reset)
+            result.update(
+                peak_bytes=memory.peak_bytes,
+                rss_peak_bytes=memory.rss_peak_bytes,
+                rss_before_bytes=memory.rss_before_bytes,
+                memory_method=memory.method,
+                sdpa_backend=sdpa_backend(memory.ops),
+            )
+        if process == 0 and prepared.errors is not None and case.seq_len <= options.error_max_len:
+            result.update(prepared.errors())
     except UnsupportedCase as exc:
         result = {"status": "skipped", "message": first_line(exc)}
     except registry.RegistryError as exc:
@@ -210,12 +269,19 @@ def serve(proto_in, proto_out) -> None:
         if op == "exit":
             return
         if op == "env":
-            reply = collect_env(request["devices"], request["dtypes"], num_threads=torch.get_num_threads())
+            reply = collect_env(
+                request["devices"],
+                request["dtypes"],
+                num_threads=torch.get_num_threads(),
+                tf32=MeasureOptions.from_json(request["options"]).tf32,
+            )
         elif op == "case":
             reply = run_case(
                 Case.from_dict(request["case"]),
                 MeasureOptions.from_json(request["options"]),
                 peak_flops_per_s=request.get("peak_flops_per_s"),
+                process=request.get("process", 0),
+                processes=request.get("processes", 1),
             )
         else:
             reply = {"status": "error", "message": f"unknown op {op!r}"}

@@ -1,5 +1,5 @@
 """The report's detailed sections, below the headline: median time, peak memory and speedups by length,
-layer stacks by depth, approximation errors, and where curves stopped.
+layer stacks by depth, approximation errors, where curves stopped, and how well the timings repeat.
 """
 
 from __future__ import annotations
@@ -166,6 +166,38 @@ def stops_section(an: Analysis) -> list[str]:
         "The first length (or depth) at which a curve did not run, and why; the figures mark these with an X.",
         markdown_table(headers, rows),
     )
+
+
+def repeatability_section(an: Analysis) -> list[str]:
+    """The spread between worker processes beside the spread within one, and the cases whose processes disagree."""
+    frame = an.results.frame
+    pooled = frame[(frame["status"] == "ok") & (frame["processes"] > 1)]
+    if pooled.empty:
+        return []
+    unstable = pooled[pooled["unstable"].fillna(False).astype(bool)]
+    text = (
+        f"Each case was timed in {int(pooled['processes'].median())} worker processes, in rounds spread over the "
+        "sweep (bench.pooling). Spread between processes (range of their medians over the pooled median): median "
+        f"{100 * pooled['process_spread'].median():.1f}%, 90th percentile {100 * pooled['process_spread'].quantile(0.9):.1f}%; "
+        f"within one process (IQR over median): median {100 * pooled['within_spread'].median():.1f}%. "
+        f"{len(unstable)} of {len(pooled)} cases are flagged unstable: their processes disagree by more than 5% "
+        "and more than twice the spread within one, or a process did not finish."
+    )
+    if unstable.empty:
+        return ["## Repeatability", "", text]
+    name_columns = curve_name_columns(unstable)
+    headers = [*(COLUMN_HEADERS.get(c, c) for c in name_columns), "n", "process medians (ms)", "between", "within"]
+    rows = [
+        [
+            *(cell_text(row, c) for c in name_columns),
+            str(row["seq_len"]),
+            ", ".join(fmt_sig(1e3 * m) for m in row["process_medians_s"]),
+            f"{100 * row['process_spread']:.1f}%",
+            f"{100 * row['within_spread']:.1f}%",
+        ]
+        for row in unstable.to_dict("records")
+    ]
+    return _section("Repeatability", text, markdown_table(headers, rows))
 
 
 def _section(title: str, text: str, table: str) -> list[str]:

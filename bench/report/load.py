@@ -7,9 +7,10 @@ Environments are never silently merged. Every record gets an ``env_id`` (a short
 :func:`bench.results.env_identity`), and every grouping of the report includes it: a curve (all the lengths
 of one implementation at one shape, mode, device, dtype and scope) lives in exactly one environment.
 
-A case measured more than once in the same environment (a ``--force`` or ``--retry-failed`` run, or the
-same file given twice) keeps its latest record: files in the order given, lines in file order; the number
-replaced is reported.
+A case is measured in several worker processes, a record each; they are pooled into one row
+(:mod:`bench.pooling`). A case measured again in the same environment (a ``--force`` or ``--retry-failed``
+run, or the same file given twice) keeps its latest measurement: files in the order given, lines in file
+order; the number of records replaced is reported.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from bench.cases import Case, GridError
+from bench.pooling import CaseGroups
 from bench.results import NUMERIC_FIELDS, STATUSES, ResultsError, env_identity, iter_records
 
 # every field but seq_len: the points of one scaling curve share these (env_id first: never merge environments)
@@ -163,6 +165,11 @@ def record_row(
         "message": record.get("message"),
         "samples": list(record.get("samples") or []),
         "noisy": record.get("noisy"),
+        "unstable": record.get("unstable"),
+        "process_medians_s": list(record.get("process_medians_s") or []),
+        "processes": record.get("processes") or 1,
+        "timer": record.get("timer"),
+        "sdpa_backend": record.get("sdpa_backend"),
         "memory_method": record.get("memory_method"),
         "peak_flops_per_s": peaks.get(f"{case.device}/{case.dtype}"),
         "time_complexity": time_text,
@@ -205,7 +212,7 @@ def load_results(
     "O(n^2)"}``; it overrides what the records carry (``impl_info``, or an optional ``meta`` object).
     """
     names = [str(p) for p in paths]
-    rows: list[dict[str, Any]] = []
+    groups = CaseGroups()
     problems: list[str] = []
     envs: dict[str, dict[str, Any]] = {}
     for path in names:
@@ -215,17 +222,21 @@ def load_results(
                 continue
             assert record is not None
             reason = record_problem(record)
+            if reason is None:
+                env = record.get("env") or {}
+                key = (env_id_of(env), Case.from_dict(record["case"]).key())
+                reason = groups.add(key, record, extra=(path, line_number))
             if reason is not None:
                 problems.append(f"{path}:{line_number}: {reason}; line skipped")
                 continue
-            rows.append(record_row(record, path=path, line_number=line_number, complexities=complexities))
-            env = record.get("env") or {}
             envs.setdefault(env_id_of(env), _environment_row(env))
+    rows = [
+        record_row(record, path=path, line_number=line_number, complexities=complexities)
+        for _key, record, (path, line_number) in groups
+    ]
     if not rows:
         raise ResultsError(f"no usable result records in {', '.join(names)}")
     frame = pd.DataFrame(rows)
-    before = len(frame)
-    frame = frame.drop_duplicates(subset=["env_id", "case_key"], keep="last")
     frame = _with_labels(frame)
     frame = frame.sort_values([*CURVE_COLUMNS, "seq_len"], kind="stable").reset_index(drop=True)
     environments = pd.DataFrame(sorted(envs.values(), key=lambda row: row["env_id"]))
@@ -235,7 +246,7 @@ def load_results(
         environments=environments,
         paths=tuple(names),
         problems=tuple(problems),
-        superseded=before - len(frame),
+        superseded=groups.superseded,
     )
 
 

@@ -25,7 +25,13 @@ from bench.report.defaults import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_MIN_FIT_SEQ_LEN,
 )
-from bench.report.details import by_length_sections, errors_section, layers_section, stops_section
+from bench.report.details import (
+    by_length_sections,
+    errors_section,
+    layers_section,
+    repeatability_section,
+    stops_section,
+)
 from bench.report.formatting import markdown_table, write_csv
 from bench.report.headline import headline_section
 from bench.report.load import load_results
@@ -177,7 +183,7 @@ def _tables_section(written: Sequence[Path], *, out_dir: Path) -> list[str]:
 
 
 def _tables(an: Analysis) -> dict[str, pd.DataFrame]:
-    measurements = an.results.frame.drop(columns=["samples"])
+    measurements = an.results.frame.drop(columns=["samples", "process_medians_s"])
     return {
         "measurements": measurements,
         "exponents": an.exponents,
@@ -212,6 +218,7 @@ def render_markdown(an: Analysis, *, figures: Sequence[Any], tables: Sequence[Pa
         layers_section(an),
         errors_section(an),
         stops_section(an),
+        repeatability_section(an),
         _figures_section(figures, out_dir=out_dir),
         _tables_section(tables, out_dir=out_dir),
     ]
