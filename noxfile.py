@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,29 +48,70 @@ def _has_nvidia_gpu() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
-def _torch_install_args() -> list[str]:
-    """torch as this machine should get it: the CPU build on a Linux machine without an NVIDIA GPU.
-
-    ATTNBENCH_TORCH=cpu or =cuda overrides the guess (``cuda``: PyPI's default build).
-    """
+def _wants_cuda() -> bool:
+    """Whether this machine should get a CUDA build of torch: ATTNBENCH_TORCH=cpu|cuda, else an NVIDIA GPU is present."""
     choice = os.environ.get("ATTNBENCH_TORCH", "auto")
     if choice not in ("auto", "cpu", "cuda"):
         raise SystemExit(f"ATTNBENCH_TORCH must be auto, cpu or cuda, got {choice!r}")
-    if choice == "cpu" or (choice == "auto" and sys.platform.startswith("linux") and not _has_nvidia_gpu()):
+    return choice == "cuda" or (choice == "auto" and _has_nvidia_gpu())
+
+
+def _torch_install_args() -> list[str]:
+    """torch as this machine should get it: the CPU build on a Linux machine without an NVIDIA GPU.
+
+    With a GPU: PyPI's build (CUDA on Linux), or the build of the index ATTNBENCH_TORCH_INDEX names
+    (e.g. https://download.pytorch.org/whl/cu128).
+    """
+    if _wants_cuda():
+        index = os.environ.get("ATTNBENCH_TORCH_INDEX")
+        return [_torch_pin(), "--index-url", index] if index else [_torch_pin()]
+    if sys.platform.startswith("linux"):
         return [f"{_torch_pin()}+cpu", "--extra-index-url", CPU_WHEELS]
     return [_torch_pin()]
+
+
+# pip prefers a local version (2.13.0+cpu) over the plain one when an index or --find-links in its
+# configuration offers both; so on a GPU machine the build that arrived is checked, not assumed
+_CHECK_CUDA_BUILD = "import torch; print('cuda' if torch.version.cuda else 'cpu')"
 
 
 def _install_project(session: nox.Session, *groups: str) -> None:
     """torch for this machine, then the package (editable) and the named dependency groups, torch pinned."""
     session.install(*_torch_install_args())
+    if _wants_cuda() and "cuda" not in str(session.run("python", "-c", _CHECK_CUDA_BUILD, silent=True)):
+        session.error(
+            "pip installed a CPU-only build of torch on a machine with an NVIDIA GPU (your pip configuration "
+            "offers one): set ATTNBENCH_TORCH_INDEX=https://download.pytorch.org/whl/cu128 and run again"
+        )
     requirements = [req for group in groups for req in nox.project.dependency_groups(PYPROJECT, group)]
     session.install(*CONSTRAINTS, "-e", ".", *requirements)
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+
+
+def _gpu_name() -> str | None:
+    """The first NVIDIA GPU's name, from nvidia-smi (None without one)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = out.stdout.strip().splitlines()
+    return names[0] if out.returncode == 0 and names else None
+
+
 def _machine() -> str:
-    """This machine's name, as a file name: its results and report are named after it."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-.") or "this-machine"
+    """This machine's name as a file name, with its GPU's when it has one: its results and report are named after it."""
+    parts = [socket.gethostname()]
+    if _wants_cuda() and (gpu := _gpu_name()):
+        parts.append(gpu)
+    return "-".join(_slug(part) for part in parts if _slug(part)) or "this-machine"
 
 
 @nox.session

@@ -15,6 +15,8 @@ from typing import Any
 
 # the timers of bench.measure.timing ("auto": cuda-events on CUDA, clock elsewhere); here, to stay torch-free
 TIMERS = ("auto", "clock", "cuda-events")
+# samples per worker process at least (a case's min_samples are dealt out among its processes)
+MIN_SAMPLES_PER_PROCESS = 2
 # without --budget-gb, a case estimated above this share of the memory free at start is skipped
 BUDGET_FRACTION = 0.6
 DEFAULT_OUT = Path("results/sweep.jsonl")
@@ -101,6 +103,10 @@ class MeasureOptions:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+
+    def samples_for(self, process: int, processes: int) -> int:
+        """The samples worker process ``process`` of ``processes`` takes: min_samples dealt out in turn, 2 at least."""
+        return max(MIN_SAMPLES_PER_PROCESS, math.ceil((self.min_samples - process) / processes))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

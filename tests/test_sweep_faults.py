@@ -49,7 +49,7 @@ def test_fault_injection_sweep(tmp_path) -> None:
     for healthy in ("full", "sdpa"):
         assert by_impl[healthy]["status"] == "ok", by_impl[healthy]
         samples = [r["n_samples"] for r in records if r["case"]["impl"] == healthy]
-        assert sum(samples) >= 5 and min(samples) >= 3  # min_samples shared by the two processes
+        assert sum(samples) >= 5 and min(samples) >= 2  # min_samples dealt out to the two processes
     assert "ok 2" in result.stdout and "timeout 1" in result.stdout
 
 

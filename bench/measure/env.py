@@ -7,7 +7,6 @@ Run once per sweep inside a worker (it needs torch); its result goes into every 
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 import platform
 import socket
@@ -58,16 +57,10 @@ def _cpu_model() -> str:
 
 
 def _affinity() -> str | None:
-    """The CPUs this process may run on, e.g. ``0-1`` (None where the system does not say)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    ranges, start = [], cpus[0]
-    for previous, cpu in itertools.pairwise([*cpus, None]):
-        if cpu != previous + 1:
-            ranges.append(f"{start}-{previous}" if previous != start else str(start))
-            start = cpu
-    return ",".join(ranges)
+    """The CPUs this thread may run on (the runner overwrites it with the worker's cores when it pins)."""
+    from bench.measure.process import cpu_list
+
+    return cpu_list(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else None
 
 
 def _git_commit() -> str | None:

@@ -10,6 +10,7 @@ with the signal or exit code in words.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -81,12 +82,30 @@ def worker_environ(environ: Mapping[str, str], *, pin: bool) -> dict[str, str]:
     return env
 
 
-def pin_to_cores(threads: int) -> None:
-    """Confine this process to the first ``threads`` CPUs it may run on (Linux; elsewhere nothing)."""
+def pinned_cores(threads: int) -> list[int] | None:
+    """The CPUs a pinned worker runs on: the first ``threads`` this process may use (None: no affinity here)."""
     if not hasattr(os, "sched_getaffinity"):
-        return
-    allowed = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, allowed[: max(1, threads)])
+        return None
+    return sorted(os.sched_getaffinity(0))[: max(1, threads)]
+
+
+def pin_to_cores(threads: int) -> None:
+    """Confine this process to ``pinned_cores(threads)`` (Linux; elsewhere nothing)."""
+    cores = pinned_cores(threads)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+
+
+def cpu_list(cpus: list[int] | None) -> str | None:
+    """CPUs as ranges, e.g. ``0-3,8`` (None stays None)."""
+    if not cpus:
+        return None
+    ranges, start = [], cpus[0]
+    for previous, cpu in itertools.pairwise([*cpus, None]):
+        if cpu != previous + 1:
+            ranges.append(f"{start}-{previous}" if previous != start else str(start))
+            start = cpu
+    return ",".join(ranges)
 
 
 class WorkerProcess:

@@ -36,12 +36,12 @@ import psutil
 
 from bench.cases import Case, GridError
 from bench.measure.plan import estimate_bytes, impl_info, unsupported_reason
-from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
+from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, cpu_list, pinned_cores
 from bench.options import SweepOptions
 from bench.results import FAILED_STATUSES, Problem, ResultsWriter, env_identity, iter_records, summarize_problems
 
 ENV_PROBE_TIMEOUT_S = 180.0
-# calls per case beyond the timed samples: warm-up and the memory run
+# calls of a case's first worker process beyond its timed samples: warm-up and the memory run
 EXTRA_CALLS = 2
 # an earlier length of a curve that ended like this stops the curve: longer lengths would fail the same way
 CURVE_STOPPING_STATUSES = ("oom", "timeout", "crashed")
@@ -185,7 +185,7 @@ class Sweep:
         if last_status == "ok" and last_median is not None and case.seq_len > last_len:
             # attention costs at most quadratic time: extrapolate from the previous length
             predicted_s = last_median * (case.seq_len / last_len) ** 2
-            calls = self.options.measure.min_samples + EXTRA_CALLS
+            calls = self.options.measure.samples_for(0, self.options.processes) + EXTRA_CALLS
             if predicted_s * calls > self.options.timeout_s:
                 return (
                     f"predicted {predicted_s:.1f} s per call (from n={last_len}); "
@@ -243,6 +243,7 @@ class Sweep:
             for line in summarize_problems(problems):
                 self.log(line)
             env = self.probe_env()
+            env["cpu_affinity"] = cpu_list(pinned_cores(self.threads)) if opts.pin else env.get("cpu_affinity")
             for line in device_lines(self.cases, env):
                 self.log(line)
             done = set() if opts.force else done_keys(finished, env, retry_failed=opts.retry_failed)

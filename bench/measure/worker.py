@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -48,8 +47,6 @@ OOM_MESSAGES = (
     "cusolver_status_alloc_failed",
     "mps backend out of memory",
 )
-# samples per worker process at least (a case's min_samples are shared among its processes)
-MIN_SAMPLES_PER_PROCESS = 2
 # the aten operators of torch.nn.functional.scaled_dot_product_attention's backends
 SDPA_BACKENDS = {
     "aten::_scaled_dot_product_flash_attention": "flash",
@@ -208,7 +205,7 @@ def run_case(
             prepared.fn,
             device=case.device,
             min_time_s=options.min_time_s / processes,
-            min_samples=max(MIN_SAMPLES_PER_PROCESS, math.ceil(options.min_samples / processes)),
+            min_samples=options.samples_for(process, processes),
             timer=options.timer,
             flush_cache=options.flush_cache,
         )
