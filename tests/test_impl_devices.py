@@ -123,6 +123,7 @@ def test_linear_forward_reads_the_block_size_of_its_inputs_device(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("impl", ["local", "sparse", "linear"])
 def test_cuda_forward_uses_few_chunks_and_matches_the_cpu(monkeypatch, impl):

@@ -1,4 +1,4 @@
-"""The ``attnbench`` command: ``list | run | report | compare | export``.
+"""The ``attnbench`` command: ``list | run | report | compare | export | crosscheck | validate``.
 
 The CLI only parses and checks: the grid is planned by ``bench.measure.plan``, options are checked by
 ``bench.options``, outputs are claimed by ``bench.outputs``. Heavy imports (torch, pandas, seaborn)
@@ -13,8 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from bench.cli.common import EXIT_USAGE, Parser, UsageError
+from bench.cli.crosscheck import add_crosscheck_parser
 from bench.cli.measure import add_run_parser, cmd_list
 from bench.cli.read import add_compare_parser, add_export_parser, add_report_parser
+from bench.cli.validate import add_validate_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_compare_parser(sub)
     add_export_parser(sub)
+    add_crosscheck_parser(sub)
+    add_validate_parser(sub)
     return parser
 
 
