@@ -134,7 +134,7 @@ class SweepOptions:
         None, flag="--threads", help="intra-op threads of the worker (default: physical cores)", check=at_least(1)
     )
     processes: int = option(
-        2,
+        4,
         flag="--processes",
         help="worker processes that measure each case, one round of the sweep each; the samples and minimum "
         "time are shared among them, and a case whose processes disagree is flagged unstable",
