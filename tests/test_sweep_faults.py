@@ -29,6 +29,7 @@ def test_fault_injection_sweep(tmp_path) -> None:
         "--modes", "fwd",
         "--min-time", "0.01",
         "--timeout", "8",
+        "--processes", "2",
         "--quiet",
         "--out", str(out),
         ATTNBENCH_IMPORT="fault_impls",

@@ -14,9 +14,10 @@ from cli_helpers import ROOT, attnbench, cli_env
 
 pytestmark = pytest.mark.slow
 
+PROCESSES = 2  # every case is measured in two worker processes, a record each
 ARGS = ["run", "--impls", "full,sdpa", "--seq-lens", "16:512:x2", "--modes", "fwd", "--min-time", "0.01", "--quiet"]
+ARGS += ["--processes", str(PROCESSES)]
 TOTAL = 2 * 6
-PROCESSES = 2  # the default: every case is measured in two worker processes, a record each
 
 
 def _lines(path) -> list[str]:
@@ -61,6 +62,7 @@ def test_sigkill_then_resume(tmp_path) -> None:
 def test_truncated_and_corrupt_lines_are_reported_and_skipped(tmp_path) -> None:
     out = tmp_path / "sweep.jsonl"
     args = ["run", "--impls", "sdpa", "--seq-lens", "16,32", "--modes", "fwd", "--min-time", "0.01", "--quiet"]
+    args += ["--processes", "2"]
     assert attnbench(*args, "--out", str(out)).returncode == 0
     good = out.read_text().splitlines()
     # line 2 corrupt, line 3 a record cut by a kill (no newline at the end of the file)
