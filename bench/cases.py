@@ -20,6 +20,12 @@ RESIDUALS = ("standard", "reversible")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # without --dtypes: float32 on the CPU; bfloat16 on a GPU, where the fused kernels (FlashAttention) need half precision
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "mps": "bfloat16"}
+# the --dtypes help of every command that takes one
+DTYPES_HELP = (
+    f"comma-separated, from {', '.join(DTYPES)} (default: "
+    + ", ".join(f"{dtype} on {device}" for device, dtype in DEFAULT_DTYPES.items())
+    + ")"
+)
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MAX_SEQ_LEN = 1 << 24
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")

@@ -92,8 +92,7 @@ def add_crosscheck_parser(sub) -> None:
     p.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="list and/or ranges: 2048,8192 or 1024:16384:x2")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join(grid.MODES)}")
     p.add_argument("--devices", help=f"cpu, cuda, cuda:1, mps, comma-separated (default: {DEFAULT_DEVICES})")
-    defaults = ", ".join(f"{dtype} on {device}" for device, dtype in grid.DEFAULT_DTYPES.items())
-    p.add_argument("--dtypes", help=f"comma-separated, from {', '.join(grid.DTYPES)} (default: {defaults})")
+    p.add_argument("--dtypes", help=grid.DTYPES_HELP)
     p.add_argument(
         "--min-time",
         type=float,

@@ -140,8 +140,7 @@ def add_run_parser(sub) -> None:
         "--seq-lens", default="256:16384:x2", help="list and/or ranges: 256,512 or 256:16384:x2 or 1024:8192:+1024"
     )
     p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda, else mps, else cpu)")
-    defaults = ", ".join(f"{dtype} on {device}" for device, dtype in grid.DEFAULT_DTYPES.items())
-    p.add_argument("--dtypes", help=f"comma-separated, from {', '.join(grid.DTYPES)} (default: {defaults})")
+    p.add_argument("--dtypes", help=grid.DTYPES_HELP)
     p.add_argument("--modes", default="fwd,fwd+bwd", help=f"comma-separated, from {', '.join(grid.MODES)}")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--heads", type=int, default=8, help="attention heads")

@@ -9,8 +9,8 @@ sweep, as pyperf's processes and asv's interleaved rounds do. Each round writes 
 
 Within a round the worker process (``bench.measure.process``) is reused across cases while it
 stays healthy; on an accelerator a case that is not ``ok`` replaces it (a sticky CUDA error, a
-device-side assert or a failed allocation can leave the context broken for every later case). A case that raises is recorded by the worker (``error``, ``oom`` for an allocation
-failure); a worker that passes the time-out is killed (``timeout``); one that dies is ``oom`` when the
+device-side assert or a failed allocation can leave the context broken for every later case). A case
+that raises is recorded by the worker (``error``, ``oom`` for an allocation failure); a worker that passes the time-out is killed (``timeout``); one that dies is ``oom`` when the
 kernel's out-of-memory killer killed it and ``crashed`` otherwise (abort, segfault, exit, a kill from
 outside). In every case the worker is replaced and the sweep goes on.
 
@@ -257,8 +257,13 @@ class Sweep:
             measured_s = 0.0
             ran = again = 0
             todo = [case for case in self.cases if (case.key(), 0) not in done]
-            later = sum((case.key(), p) not in done for case in self.cases for p in range(1, opts.processes))
-            progress = _progress(len(todo) + later, quiet=opts.quiet)
+
+            def later_runs(may_run: Callable[[str], bool]) -> int:
+                """Records the later rounds will write for the cases ``may_run`` admits."""
+                keys = [case.key() for case in self.cases]
+                return sum(may_run(key) and (key, p) not in done for key in keys for p in range(1, opts.processes))
+
+            progress = _progress(len(todo) + later_runs(lambda key: True), quiet=opts.quiet)
             try:
                 for process in range(opts.processes):
                     order = self.cases if process % 2 == 0 else self.cases[::-1]
@@ -287,11 +292,7 @@ class Sweep:
                             self.log(f"{case.label()} [process {process}]: {result['status']}: {result.get('message')}")
                         progress.update(1)
                     if process == 0:  # the later rounds run only what round 0 finished ok
-                        progress.total = ran + sum(
-                            first.get(c.key()) == "ok" and (c.key(), p) not in done
-                            for c in self.cases
-                            for p in range(1, opts.processes)
-                        )
+                        progress.total = ran + later_runs(lambda key: first.get(key) == "ok")
                         progress.refresh()
                     self._drop_worker()  # each round in a fresh process
             finally:
