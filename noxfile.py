@@ -28,7 +28,7 @@ LOCAL = "local"
 CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 # The default sweep: every registered implementation, forward and training step, 256 to 16384 tokens.
 # Quadratic ones stop where the runner predicts the time-out would be passed (or the memory budget).
-BENCH_ARGS = ["--seq-lens", "256:16384:x2", "--modes", "fwd,fwd+bwd", "--min-time", "0.2", "--timeout", "30"]
+BENCH_ARGS = ["--seq-lens", "256:16384:x2", "--modes", "fwd,fwd+bwd", "--min-time", "0.2", "--timeout", "25"]
 # The layer-stack study: standard vs reversible residuals as the stack deepens.
 LAYERS_ARGS = [
     "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4", "--residual", "standard,reversible",

@@ -1,14 +1,22 @@
 """One case measured in several worker processes: the statistics of samples, and the records pooled into one.
 
 A sweep measures each case in ``processes`` worker processes, one round of the sweep per process
-(``bench.measure.runner``): a process's samples share its state (allocator, page placement,
-alignment, what ran before), so its spread can not show how much that state moves a median; the
-spread between processes can. Each process writes a record of its own (``process`` = 0, 1, ...);
-readers pool them here into the one record of the case:
+(``bench.measure.runner``). A process takes its samples of a case within a fraction of a second, in
+one state of the machine and of the process (what the host's other tenants do to the shared cores,
+caches and memory; allocator, page placement, what ran before), so its spread can not show how much
+that state moves a median; the spread between processes, rounds minutes apart, can. Each process
+writes a record of its own (``process`` = 0, 1, ...); readers pool them here into the one record:
 
-* the samples of every process that finished ``ok`` are pooled: median, IQR, min and mean of all;
+* the case's ``median_s`` is the lowest of the processes' medians: the best of its rounds, as
+  ``timeit`` reports the best of its repeats. On a shared host the machine's speed for a kernel
+  changes for seconds to minutes at a time (on a 2-core cloud VM, by up to 2.5x), so the medians of
+  one round are one draw of that state; the fastest of several draws is the least disturbed, and
+  repeats from sweep to sweep where a median of draws does not. ``pooled_median_s`` keeps the
+  median of every sample;
+* the samples of every process that finished ``ok`` are pooled: ``samples``, IQR, min and mean of all
+  (the spread a user of this machine would see; ``bench.report.compare`` tests them);
 * ``process_medians_s`` lists each process's median; ``process_spread`` is their range over the
-  pooled median (the spread between processes), ``within_spread`` the median of each process's
+  case's median (the spread between processes), ``within_spread`` the median of each process's
   IQR over its median (the spread within one);
 * ``unstable`` flags a case whose processes disagree: medians more than ``DISAGREE_RATIO`` apart
   and more than ``DISAGREE_OVER_WITHIN`` times the spread within a process, or a process that did
@@ -62,11 +70,14 @@ def pool(records: list[dict[str, Any]]) -> dict[str, Any]:
     samples = [float(s) for r in ok for s in r["samples"]]
     pooled = sample_stats(samples)
     medians = [float(r["median_s"]) for r in ok]
+    best = min(medians)
     within = statistics.median(r["iqr_s"] / r["median_s"] for r in ok if r.get("median_s"))
-    spread = (max(medians) - min(medians)) / pooled["median_s"] if pooled["median_s"] > 0 else 0.0
+    spread = (max(medians) - best) / best if best > 0 else 0.0
     merged = {
         **first,
         **pooled,
+        "median_s": best,
+        "pooled_median_s": pooled["median_s"],
         "samples": samples,
         "n_samples": len(samples),
         "noisy": is_noisy(pooled["median_s"], pooled["iqr_s"]),
@@ -79,8 +90,8 @@ def pool(records: list[dict[str, Any]]) -> dict[str, Any]:
         "unstable": bool(failed) or (spread > DISAGREE_RATIO and spread > DISAGREE_OVER_WITHIN * within),
     }
     flops = first.get("flops")
-    if flops and pooled["median_s"] > 0:
-        merged["achieved_flops_per_s"] = flops / pooled["median_s"]
+    if flops and best > 0:
+        merged["achieved_flops_per_s"] = flops / best
         if first.get("roofline") is not None and first.get("achieved_flops_per_s"):
             merged["roofline"] = first["roofline"] * merged["achieved_flops_per_s"] / first["achieved_flops_per_s"]
     if failed:

@@ -28,7 +28,7 @@ STATUSES = ("ok", "oom", "timeout", "error", "crashed", "skipped")
 # a case that ran and did not finish: ``--retry-failed`` runs these again
 FAILED_STATUSES = ("error", "timeout", "oom", "crashed")
 # env fields that must agree for two records to be comparable (and for a finished case to be reused)
-# (the conditions too: TF32, the FLOP convention, the GPU's driver, CUDA and cuDNN)
+# (the conditions too: TF32, the FLOP convention, the GPU's driver, CUDA and cuDNN, the C allocator's setting)
 ENV_IDENTITY_FIELDS = (
     "host",
     "cpu_model",
@@ -40,6 +40,7 @@ ENV_IDENTITY_FIELDS = (
     "num_threads",
     "tf32",
     "flop_convention",
+    "cpu_malloc",
 )
 # a longer line is no record of ours: it is reported and skipped without being held in memory
 MAX_LINE_BYTES = 16 * 2**20

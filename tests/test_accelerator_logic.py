@@ -113,7 +113,7 @@ def test_a_slow_warm_call_is_the_first_sample() -> None:
     calls = []
     stats = timing.time_callable(lambda: calls.append(time.sleep(0.005)), min_time_s=0.0, min_samples=3)
     assert stats.calls_per_sample == 1
-    assert len(calls) == 1 + stats.n_samples  # warm-up, then samples only: no calibration call is wasted
+    assert len(calls) == timing.WARMUP_CALLS + stats.n_samples  # warm-up, then samples: no calibration call wasted
 
 
 def test_the_clock_synchronizes_the_cases_own_device(monkeypatch) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 from cli_helpers import attnbench
 
+from bench.measure.process import KEEP_FREED_MEMORY_ENV, malloc_setting, worker_environ
 from bench.pooling import CaseGroups, pool
 
 
@@ -27,16 +32,18 @@ def _record(process: int, samples: list[float], status: str = "ok", **extra) -> 
     }
 
 
-def test_pooled_samples_and_the_spread_between_processes() -> None:
-    agree = pool([_record(0, [1.00, 1.01, 1.02]), _record(1, [1.01, 1.02, 1.03])])
+def test_the_best_round_is_the_time_and_every_sample_is_pooled() -> None:
+    agree = pool([_record(0, [1.02, 1.03, 1.04]), _record(1, [1.00, 1.01, 1.02])])
     assert agree["n_samples"] == 6 and agree["processes"] == 2
-    assert agree["median_s"] == pytest.approx(1.015)
-    assert agree["process_medians_s"] == [1.01, 1.02]
-    assert agree["process_spread"] == pytest.approx(0.01 / 1.015)
+    assert agree["median_s"] == 1.01  # the fastest process's median: the best of the rounds
+    assert agree["pooled_median_s"] == pytest.approx(1.02)  # the median of all six samples
+    assert agree["min_s"] == 1.00 and agree["samples"] == [1.02, 1.03, 1.04, 1.00, 1.01, 1.02]
+    assert agree["process_medians_s"] == [1.03, 1.01]
+    assert agree["process_spread"] == pytest.approx(0.02 / 1.01)
     assert not agree["unstable"]
     assert agree["peak_bytes"] == 100  # memory from process 0
-    assert agree["achieved_flops_per_s"] == pytest.approx(1e9 / 1.015)
-    assert agree["roofline"] == pytest.approx(0.5 * 1.01 / 1.015)
+    assert agree["achieved_flops_per_s"] == pytest.approx(1e9 / 1.01)
+    assert agree["roofline"] == pytest.approx(0.5 * 1.03 / 1.01)  # process 0 measured 0.5 at its 1.03
 
 
 def test_processes_that_disagree_beyond_their_own_spread_are_unstable() -> None:
@@ -81,6 +88,7 @@ def test_rounds_measure_each_case_in_fresh_processes_and_the_report_pools_them(t
     assert order[4:8] == order[:4][::-1] and order[8:] == order[:4]  # interleaved: every other round reversed
     assert all(r["n_samples"] >= 2 for r in records)  # min_samples 5 shared by 3 processes
     assert all(r["env"]["omp_proc_bind"] == "close" and r["env"]["cpu_affinity"] for r in records)
+    assert all(r["env"]["cpu_malloc"] == malloc_setting(KEEP_FREED_MEMORY_ENV) != "system" for r in records)
     assert "4 timed again" not in result.stdout and "8 timed again in later processes" in result.stdout
 
     from bench.report.load import load_results
@@ -92,3 +100,36 @@ def test_rounds_measure_each_case_in_fresh_processes_and_the_report_pools_them(t
     report = tmp_path / "report"
     assert attnbench("report", str(out), "--out", str(report)).returncode == 0
     assert "## Repeatability" in (report / "README.md").read_text()
+
+
+def test_the_worker_keeps_freed_memory_unless_told_otherwise() -> None:
+    kept = worker_environ({"PATH": "/bin"}, pin=False)
+    assert {k: kept[k] for k in KEEP_FREED_MEMORY_ENV} == KEEP_FREED_MEMORY_ENV and kept["PATH"] == "/bin"
+    assert not set(KEEP_FREED_MEMORY_ENV) & set(worker_environ({}, pin=False, cpu_malloc="system"))
+    users = worker_environ({"MALLOC_MMAP_THRESHOLD_": "65536"}, pin=False)
+    assert users["MALLOC_MMAP_THRESHOLD_"] == "65536"  # what the user set stays
+    assert malloc_setting({}) == "system"
+    assert malloc_setting(users).startswith("MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=")
+
+
+# a second allocation of 64 MiB after the first is freed: page faults it takes (256 KiB of faults at most when kept)
+_FAULTS = """
+import resource, torch
+torch.empty(16 * 2**20).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16 * 2**20).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_kept_memory_is_reused_without_page_faults() -> None:
+    def faults(cpu_malloc: str) -> int:
+        env = worker_environ({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
+                             pin=False, cpu_malloc=cpu_malloc)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    pages = 64 * 2**20 // 4096
+    assert faults("keep") < pages // 64  # the freed block is reused: its pages are already there
+    assert faults("system") > pages // 2  # returned to the kernel, then zero-filled again page by page

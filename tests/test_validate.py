@@ -4,6 +4,7 @@ the one-line errors, and the validation's steps (planned, never run: they need a
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_crosscheck_on_the_cpu_writes_the_csv_and_prints_the_table(tmp_path) -> 
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed into place
 
 
-def test_crosscheck_alternates_the_methods_and_takes_medians_over_rounds(monkeypatch) -> None:
+def test_crosscheck_alternates_the_methods_and_takes_each_ones_best_round(monkeypatch) -> None:
     from bench.cases import Case
     from bench.options import MeasureOptions
 
@@ -71,10 +72,24 @@ def test_crosscheck_alternates_the_methods_and_takes_medians_over_rounds(monkeyp
     result = crosscheck.crosscheck_case(Case("sdpa", 16, heads=1, head_dim=8), MeasureOptions(min_time_s=0.0), rounds=3)
     assert result.status == "ok", result
     assert order == ["h", "i", "i", "h", "h", "i"]
-    assert result.harness_median_s == 2.0 and result.independent_median_s == 2.0
-    assert result.ratio == 1.0 and result.within is True
+    assert result.harness_median_s == 1.0 and result.independent_median_s == 2.0
+    assert result.ratio == 0.5 and result.within is False
     row = result.row()
     assert row["rounds"] == 3 and row["triton_median_s"] is None
+    assert crosscheck.CrosscheckResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_crosscheck_runs_each_case_in_a_worker_and_goes_on_after_one_dies(tmp_path) -> None:
+    out = tmp_path / "crosscheck.csv"
+    result = attnbench(
+        "crosscheck", "--impls", "fault_abort,fault_raise,sdpa", "--seq-lens", "64", "--min-time", "0.01",
+        "--rounds", "2", "--out", str(out), ATTNBENCH_IMPORT="fault_impls",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {row["impl"]: row for row in csv.DictReader(out.open())}
+    assert rows["fault_abort"]["status"] == "crashed" and "SIGABRT" in rows["fault_abort"]["message"]
+    assert rows["fault_raise"]["status"] == "error"
+    assert rows["sdpa"]["status"] == "ok" and float(rows["sdpa"]["ratio"]) > 0 and rows["sdpa"]["rounds"] == "2"
 
 
 def test_a_case_that_fails_is_a_row_with_its_status() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench import cases as grid
 from bench.cli.common import HelpWithDefaults, UsageError
+from bench.options import SweepOptions
 from bench.outputs import AtomicFile, OutputError
 
 DEFAULT_IMPLS = "sdpa,full,local,linear"
@@ -15,7 +16,7 @@ DEFAULT_SEQ_LENS = "2048,8192"
 DEFAULT_MODES = "fwd"
 DEFAULT_DEVICES = "cpu"
 DEFAULT_MIN_TIME_S = 0.5
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = SweepOptions().processes  # as many rounds as a sweep's worker processes
 DEFAULT_OUT = Path("results/crosscheck.csv")
 
 
@@ -103,7 +104,7 @@ def add_crosscheck_parser(sub) -> None:
         "--rounds",
         type=int,
         default=DEFAULT_ROUNDS,
-        help="rounds of harness and independent timing, interleaved (medians)",
+        help="rounds of harness and independent timing, interleaved (each method: its best round)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FILE", help="CSV file written (replaced)")
     p.set_defaults(func=_cmd_crosscheck)

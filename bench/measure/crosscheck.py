@@ -13,8 +13,14 @@ worker process uses) and right after by an independent method:
 
 The methods alternate in ``rounds`` rounds (the one that goes first changes every round), each round
 gets the sweep's share of the minimum time and samples per worker process, and each method's value
-is its median over the rounds: a machine that drifts moves both, not one. The ratio harness /
-independent is reported; it is not a test: a ratio outside ``RATIO_RANGE`` is listed, never an error.
+is its best round's median, as a sweep takes a case's best round (``bench.pooling``): a machine whose
+speed changes from second to second slows one method's round now and the other's next, and the best
+round of each is the least disturbed. The ratio harness / independent is reported; it is not a test:
+a ratio outside ``RATIO_RANGE`` is listed, never an error.
+
+Each case runs in a worker process started as a sweep starts its workers (``bench.measure.process``:
+the same pinning, threads and allocator setting), one at a time; a worker that dies or hangs is
+that case's status (``crashed``, ``oom``, ``timeout``) and the next case gets a fresh one.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import csv
 import dataclasses
 import gc
 import io
+import shutil
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -35,12 +44,14 @@ import torch
 from attention_impls import UnsupportedCase
 from bench.cases import Case
 from bench.measure.env import set_tf32
+from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
 from bench.measure.timing import time_callable
 from bench.measure.worker import is_oom, prepare
 from bench.options import MeasureOptions
 from bench.results import first_line
 
 RATIO_RANGE = (0.9, 1.1)  # harness / independent inside this range agrees
+CASE_TIMEOUT_S = 900.0  # one case, every round of every method, before its worker is killed
 # the CUDA-event loop: calls to estimate one call's duration, warm-up time, bounds on the timed calls
 CUDA_ESTIMATE_CALLS = 5
 CUDA_WARMUP_S = 0.025
@@ -73,10 +84,10 @@ CSV_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class CrosscheckResult:
-    """One case: each method's median over the rounds, or why it was not measured."""
+    """One case: each method's median in each round, or why it was not measured."""
 
     case: Case
-    status: str  # ok | skipped | oom | error
+    status: str  # ok | skipped | oom | error | timeout | crashed
     message: str | None = None
     harness_rounds_s: tuple[float, ...] = ()
     independent_rounds_s: tuple[float, ...] = ()
@@ -87,15 +98,15 @@ class CrosscheckResult:
 
     @property
     def harness_median_s(self) -> float | None:
-        return statistics.median(self.harness_rounds_s) if self.harness_rounds_s else None
+        return min(self.harness_rounds_s) if self.harness_rounds_s else None
 
     @property
     def independent_median_s(self) -> float | None:
-        return statistics.median(self.independent_rounds_s) if self.independent_rounds_s else None
+        return min(self.independent_rounds_s) if self.independent_rounds_s else None
 
     @property
     def triton_median_s(self) -> float | None:
-        return statistics.median(self.triton_rounds_s) if self.triton_rounds_s else None
+        return min(self.triton_rounds_s) if self.triton_rounds_s else None
 
     @property
     def ratio(self) -> float | None:
@@ -109,6 +120,15 @@ class CrosscheckResult:
     def within(self) -> bool | None:
         ratio = self.ratio
         return None if ratio is None else RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]
+
+    def to_json(self) -> dict[str, Any]:
+        """What crosses the worker's pipe (``from_json`` reads it back)."""
+        return {**dataclasses.asdict(self), "case": self.case.to_dict()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CrosscheckResult:
+        rounds = {f"{m}_rounds_s": tuple(data[f"{m}_rounds_s"]) for m in ("harness", "independent", "triton")}
+        return cls(**{**data, **rounds, "case": Case.from_dict(data["case"])})
 
     def row(self) -> dict[str, Any]:
         """The CSV row (``CSV_FIELDS``): numbers as numbers, absent values as None."""
@@ -297,19 +317,35 @@ def run_crosscheck(
     threads: int | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> list[CrosscheckResult]:
-    """Every case in turn, with torch's threads set as a sweep's worker sets them (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or physical_threads())
+    """Every case in turn, each in a worker process started as a sweep's (threads: the physical cores)."""
+    threads = threads or physical_threads()
+    log_dir = Path(tempfile.mkdtemp(prefix="attnbench-crosscheck-"))
+    worker: WorkerProcess | None = None
     results = []
     try:
         for index, case in enumerate(cases, 1):
             log(f"crosscheck [{index}/{len(cases)}] {case.label()}")
-            result = crosscheck_case(case, options, rounds=rounds)
+            worker = worker or WorkerProcess(threads=threads, log_dir=log_dir)
+            request = {"op": "crosscheck", "case": case.to_dict(), "options": options.to_json(), "rounds": rounds}
+            try:
+                result = CrosscheckResult.from_json(worker.request(request, timeout_s=CASE_TIMEOUT_S))
+            except (WorkerDied, WorkerTimeout) as exc:
+                status, message = (
+                    (exc.status, exc.message)
+                    if isinstance(exc, WorkerDied)
+                    else ("timeout", f"no result after {CASE_TIMEOUT_S:g} s; worker killed")
+                )
+                result = CrosscheckResult(case, status, message, threads=threads)
+                worker.kill()
+                worker.close()
+                worker = None
             if result.status != "ok":
                 log(f"  {result.status}: {result.message}")
             results.append(result)
     finally:
-        torch.set_num_threads(previous)
+        if worker is not None:
+            worker.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
     return results
 
 

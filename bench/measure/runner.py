@@ -37,12 +37,13 @@ import psutil
 from bench.cases import Case, GridError
 from bench.measure.plan import estimate_bytes, impl_info, unsupported_reason
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, cpu_list, pinned_cores
+from bench.measure.timing import WARMUP_CALLS
 from bench.options import SweepOptions
 from bench.results import FAILED_STATUSES, Problem, ResultsWriter, env_identity, iter_records, summarize_problems
 
 ENV_PROBE_TIMEOUT_S = 180.0
-# calls of a case's first worker process beyond its timed samples: warm-up and the memory run
-EXTRA_CALLS = 2
+# calls of a case's first worker process beyond its timed samples: the warm-up calls and the memory run
+EXTRA_CALLS = WARMUP_CALLS + 1
 # the quadratic extrapolation under-predicts where a longer curve leaves the caches (full at 8192 on
 # a 2-core EPYC: predicted 50 s, timed out at 60 s); a case is skipped when this times it passes the time-out
 PREDICTION_MARGIN = 1.5
@@ -149,7 +150,9 @@ class Sweep:
     # -- workers
     def worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.proc.poll() is not None:
-            self._worker = WorkerProcess(threads=self.threads, log_dir=self._log_dir, pin=self.options.pin)
+            self._worker = WorkerProcess(
+                threads=self.threads, log_dir=self._log_dir, pin=self.options.pin, cpu_malloc=self.options.cpu_malloc
+            )
         return self._worker
 
     def _drop_worker(self) -> None:

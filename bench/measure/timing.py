@@ -2,8 +2,12 @@
 
 Policy (``docs/ARCHITECTURE.md``, measurement method):
 
-1. Warm up: ``warmup_calls`` calls, not timed for the result (the first call includes lazy
-   initialisation, compilation and allocator growth; on a GPU it can be a thousand times slower).
+1. Warm up: ``warmup_calls`` calls (``WARMUP_CALLS``), not timed for the result. The first call
+   includes lazy initialisation, compilation and allocator growth; on a GPU it can be a thousand
+   times slower. The second can still fetch fresh pages from the kernel where the allocator's kept
+   memory is fragmented (``--cpu-malloc keep``; on this project's 2-core VM a second call of
+   ``full`` at 2048 tokens took 100,000-200,000 page faults and was 1.2-1.5x slower than the third,
+   which took none).
 2. Calibrate on the warm function: time one call; if it lasts at least ``MIN_SAMPLE_S`` it is
    the first sample and one call makes a sample; otherwise double the calls until a batch lasts
    ``MIN_SAMPLE_S`` (timer resolution and launch latency), as ``timeit``'s autorange does.
@@ -39,6 +43,7 @@ from bench.options import TIMERS
 from bench.pooling import is_noisy, sample_stats
 
 MIN_SAMPLE_S = 1e-3  # a sample shorter than this is dominated by timer overhead and launch latency
+WARMUP_CALLS = 2  # calls before calibration (the module docstring says why two)
 MAX_SAMPLES = 200
 # bytes overwritten before each call with flush_cache: more than any last-level cache we know
 # (H100: 50 MiB L2; EPYC: 32 MiB L3 per CCD); on the CPU twice the L3 that sysfs reports, when larger
@@ -173,7 +178,7 @@ def time_callable(
     min_samples: int,
     device: str | torch.device = "cpu",
     num_threads: int | None = None,
-    warmup_calls: int = 1,
+    warmup_calls: int = WARMUP_CALLS,
     timer: str = "auto",
     flush_cache: bool = False,
 ) -> TimingStats:

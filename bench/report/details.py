@@ -177,7 +177,8 @@ def repeatability_section(an: Analysis) -> list[str]:
     unstable = pooled[pooled["unstable"].fillna(False).astype(bool)]
     text = (
         f"Each case was timed in {int(pooled['processes'].median())} worker processes, in rounds spread over the "
-        "sweep (bench.pooling). Spread between processes (range of their medians over the pooled median): median "
+        "sweep; its time is the fastest process's median, the best of its rounds (bench.pooling). Spread between "
+        "processes (range of their medians over the fastest): median "
         f"{100 * pooled['process_spread'].median():.1f}%, 90th percentile {100 * pooled['process_spread'].quantile(0.9):.1f}%; "
         f"within one process (IQR over median): median {100 * pooled['within_spread'].median():.1f}%. "
         f"{len(unstable)} of {len(pooled)} cases are flagged unstable: their processes disagree by more than 5% "
