@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# how the worker's C allocator treats freed memory (bench.measure.process.worker_environ); here, torch-free
-CPU_MALLOC_CHOICES = ("keep", "system")
 # the timers of bench.measure.timing ("auto": cuda-events on CUDA, clock elsewhere); here, to stay torch-free
 TIMERS = ("auto", "clock", "cuda-events")
 # samples per worker process at least (a case's min_samples are dealt out among its processes)
@@ -146,13 +144,6 @@ class SweepOptions:
         True,
         flag="--no-pin",
         help="do not pin the worker's threads to cores (pinned: one OpenMP thread per core, the worker on the first cores)",
-    )
-    cpu_malloc: str = option(
-        "keep",
-        flag="--cpu-malloc",
-        help="keep: the worker's C allocator (glibc) keeps freed memory for the next call, as CUDA's caching "
-        "allocator does, so no call pays page faults for memory the last one freed; system: the platform's default",
-        check=one_of(CPU_MALLOC_CHOICES),
     )
     force: bool = option(False, flag="--force", help="run again cases already in the results file")
     retry_failed: bool = option(

@@ -40,7 +40,7 @@ ENV_IDENTITY_FIELDS = (
     "num_threads",
     "tf32",
     "flop_convention",
-    "cpu_malloc",
+    "allocator",
 )
 # a longer line is no record of ours: it is reported and skipped without being held in memory
 MAX_LINE_BYTES = 16 * 2**20

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import sys
 
 import pytest
 from cli_helpers import attnbench
 
-from bench.measure.process import KEEP_FREED_MEMORY_ENV, malloc_setting, worker_environ
+from bench.measure.process import allocator_setting, worker_environ
 from bench.pooling import CaseGroups, pool
 
 
@@ -88,7 +85,7 @@ def test_rounds_measure_each_case_in_fresh_processes_and_the_report_pools_them(t
     assert order[4:8] == order[:4][::-1] and order[8:] == order[:4]  # interleaved: every other round reversed
     assert all(r["n_samples"] >= 2 for r in records)  # min_samples 5 shared by 3 processes
     assert all(r["env"]["omp_proc_bind"] == "close" and r["env"]["cpu_affinity"] for r in records)
-    assert all(r["env"]["cpu_malloc"] == malloc_setting(KEEP_FREED_MEMORY_ENV) != "system" for r in records)
+    assert all(r["env"]["allocator"] == allocator_setting(os.environ) for r in records)
     assert "4 timed again" not in result.stdout and "8 timed again in later processes" in result.stdout
 
     from bench.report.load import load_results
@@ -102,34 +99,8 @@ def test_rounds_measure_each_case_in_fresh_processes_and_the_report_pools_them(t
     assert "## Repeatability" in (report / "README.md").read_text()
 
 
-def test_the_worker_keeps_freed_memory_unless_told_otherwise() -> None:
-    kept = worker_environ({"PATH": "/bin"}, pin=False)
-    assert {k: kept[k] for k in KEEP_FREED_MEMORY_ENV} == KEEP_FREED_MEMORY_ENV and kept["PATH"] == "/bin"
-    assert not set(KEEP_FREED_MEMORY_ENV) & set(worker_environ({}, pin=False, cpu_malloc="system"))
-    users = worker_environ({"MALLOC_MMAP_THRESHOLD_": "65536"}, pin=False)
-    assert users["MALLOC_MMAP_THRESHOLD_"] == "65536"  # what the user set stays
-    assert malloc_setting({}) == "system"
-    assert malloc_setting(users).startswith("MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=")
-
-
-# a second allocation of 64 MiB after the first is freed: page faults it takes (256 KiB of faults at most when kept)
-_FAULTS = """
-import resource, torch
-torch.empty(16 * 2**20).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(16 * 2**20).fill_(1.0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
-def test_kept_memory_is_reused_without_page_faults() -> None:
-    def faults(cpu_malloc: str) -> int:
-        env = worker_environ({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
-                             pin=False, cpu_malloc=cpu_malloc)  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
-        return int(done.stdout)
-
-    pages = 64 * 2**20 // 4096
-    assert faults("keep") < pages // 64  # the freed block is reused: its pages are already there
-    assert faults("system") > pages // 2  # returned to the kernel, then zero-filled again page by page
+def test_the_allocator_setting_is_what_the_environment_sets() -> None:
+    assert allocator_setting({"PATH": "/bin", "OMP_PLACES": "cores"}) == "default"
+    preloaded = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_ARENA_MAX": "2", "PATH": "/bin"}
+    assert allocator_setting(preloaded) == "LD_PRELOAD=/usr/lib/libjemalloc.so.2 MALLOC_ARENA_MAX=2"
+    assert worker_environ(preloaded, pin=True)["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2"  # passed on as set

@@ -18,7 +18,7 @@ import psutil
 import torch
 
 import bench
-from bench.measure.process import malloc_setting
+from bench.measure.process import allocator_setting
 from bench.measure.timing import time_callable
 from bench.results import first_line
 
@@ -139,7 +139,7 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32
         "num_threads": num_threads,
         "cpu_affinity": _affinity(),
         "omp_proc_bind": os.environ.get("OMP_PROC_BIND"),
-        "cpu_malloc": malloc_setting(os.environ),
+        "allocator": allocator_setting(os.environ),
         "memory_total_bytes": psutil.virtual_memory().total,
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,

@@ -73,30 +73,20 @@ def classify_death(returncode: int, *, oom_kills_before: int | None, oom_kills_a
     return WorkerDied("crashed", f"worker exited with code {returncode}")
 
 
-# glibc's malloc keeping freed memory for the next call: no block is given back to the kernel (no mmap
-# for large blocks, no trimming of the heap), so a call does not pay the page faults of zeroing fresh
-# pages for memory the previous call freed (the part of a CPU timing that varies most on a shared
-# host), as CUDA's caching allocator keeps GPU memory. glibc reads these at process start.
-KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**40), "MALLOC_TRIM_THRESHOLD_": str(2**46)}
-
-
-def worker_environ(environ: Mapping[str, str], *, pin: bool, cpu_malloc: str = "keep") -> dict[str, str]:
-    """The worker's environment: pinned, each OpenMP thread bound to a core of its own, and (``cpu_malloc``
-    ``keep``) freed memory kept for reuse; a variable the user set stays as set."""
+def worker_environ(environ: Mapping[str, str], *, pin: bool) -> dict[str, str]:
+    """The worker's environment: pinned, each OpenMP thread bound to a core of its own (unless the user set it)."""
     env = dict(environ)
     if pin:
         env.setdefault("OMP_PROC_BIND", "close")
         env.setdefault("OMP_PLACES", "cores")
-    if cpu_malloc == "keep":
-        for name, value in KEEP_FREED_MEMORY_ENV.items():
-            env.setdefault(name, value)
     return env
 
 
-def malloc_setting(environ: Mapping[str, str]) -> str:
-    """What the C allocator was told, for the record: the glibc variables set, or ``system``."""
-    set_here = [f"{name}={environ[name]}" for name in KEEP_FREED_MEMORY_ENV if name in environ]
-    return " ".join(set_here) if set_here else "system"
+def allocator_setting(environ: Mapping[str, str]) -> str:
+    """The C allocator's setting, for the record: glibc's ``MALLOC_*`` variables and ``LD_PRELOAD`` (a
+    jemalloc or tcmalloc, say) as set, or ``default``. Both change what a CPU timing includes."""
+    names = sorted(name for name in environ if name.startswith("MALLOC_") or name == "LD_PRELOAD")
+    return " ".join(f"{name}={environ[name]}" for name in names) or "default"
 
 
 def pinned_cores(threads: int) -> list[int] | None:
@@ -128,11 +118,11 @@ def cpu_list(cpus: list[int] | None) -> str | None:
 class WorkerProcess:
     """One ``python -m bench.measure.worker`` child, spoken to in JSON lines."""
 
-    def __init__(self, *, threads: int, log_dir: Path, pin: bool = True, cpu_malloc: str = "keep") -> None:
+    def __init__(self, *, threads: int, log_dir: Path, pin: bool = True) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=log_dir, delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
-            env=worker_environ(os.environ, pin=pin, cpu_malloc=cpu_malloc),
+            env=worker_environ(os.environ, pin=pin),
             preexec_fn=(lambda: pin_to_cores(threads)) if pin else None,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

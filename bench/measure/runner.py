@@ -150,9 +150,7 @@ class Sweep:
     # -- workers
     def worker(self) -> WorkerProcess:
         if self._worker is None or self._worker.proc.poll() is not None:
-            self._worker = WorkerProcess(
-                threads=self.threads, log_dir=self._log_dir, pin=self.options.pin, cpu_malloc=self.options.cpu_malloc
-            )
+            self._worker = WorkerProcess(threads=self.threads, log_dir=self._log_dir, pin=self.options.pin)
         return self._worker
 
     def _drop_worker(self) -> None:

@@ -2,12 +2,9 @@
 
 Policy (``docs/ARCHITECTURE.md``, measurement method):
 
-1. Warm up: ``warmup_calls`` calls (``WARMUP_CALLS``), not timed for the result. The first call
+1. Warm up: ``warmup_calls`` calls (``WARMUP_CALLS``), not timed for the result (the first call
    includes lazy initialisation, compilation and allocator growth; on a GPU it can be a thousand
-   times slower. The second can still fetch fresh pages from the kernel where the allocator's kept
-   memory is fragmented (``--cpu-malloc keep``; on this project's 2-core VM a second call of
-   ``full`` at 2048 tokens took 100,000-200,000 page faults and was 1.2-1.5x slower than the third,
-   which took none).
+   times slower).
 2. Calibrate on the warm function: time one call; if it lasts at least ``MIN_SAMPLE_S`` it is
    the first sample and one call makes a sample; otherwise double the calls until a batch lasts
    ``MIN_SAMPLE_S`` (timer resolution and launch latency), as ``timeit``'s autorange does.
@@ -43,7 +40,7 @@ from bench.options import TIMERS
 from bench.pooling import is_noisy, sample_stats
 
 MIN_SAMPLE_S = 1e-3  # a sample shorter than this is dominated by timer overhead and launch latency
-WARMUP_CALLS = 2  # calls before calibration (the module docstring says why two)
+WARMUP_CALLS = 1  # calls before calibration, not timed
 MAX_SAMPLES = 200
 # bytes overwritten before each call with flush_cache: more than any last-level cache we know
 # (H100: 50 MiB L2; EPYC: 32 MiB L3 per CCD); on the CPU twice the L3 that sysfs reports, when larger

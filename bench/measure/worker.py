@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -261,26 +258,6 @@ def run_case(
 # ---------------------------------------------------------------- protocol
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None elsewhere)."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None).malloc_trim
-    return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Return what the last case freed to the kernel: a worker whose allocator keeps freed memory
-    (``--cpu-malloc keep``) reuses it within a case, between its calls, and carries none to the next."""
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def serve(proto_in, proto_out) -> None:
     for line in proto_in:
         if not line.strip():
@@ -312,7 +289,6 @@ def serve(proto_in, proto_out) -> None:
             ).to_json()
         else:
             reply = {"status": "error", "message": f"unknown op {op!r}"}
-        release_freed_memory()
         proto_out.write(json.dumps(reply) + "\n")
         proto_out.flush()
 
