@@ -99,6 +99,21 @@ def test_a_2x_regression_is_detected(base_file: Path, tmp_path: Path) -> None:
     assert "REGRESSION: 3 cases" in text and "2.000×" in text and "1.500×" in text
 
 
+def test_the_machines_own_speed_change_is_shown(base_file: Path, tmp_path: Path) -> None:
+    same = compare.compare_files([base_file], [write_results(tmp_path / "same.jsonl", run_records())])
+    assert same.machine_time_ratio() == pytest.approx(1.0)
+    text = compare.format_comparison(same)
+    assert "new/base: 1.000×" in text and "own speed changed" not in text
+    # the new run started on a machine whose matmul ran at half the FLOP/s: its time doubled
+    slow_env = {**ENV, "peak_flops_per_s": {"cpu/float32": 0.5e11}}
+    slower = compare.compare_files([base_file], [write_results(tmp_path / "slow.jsonl", run_records(env=slow_env))])
+    assert len(slower.both_ok) == 6  # the peak is no part of the environment's identity: the cases still match
+    assert slower.machine_time_ratio() == pytest.approx(2.0)
+    text = compare.format_comparison(slower)
+    assert "a large matmul timed as each run started, new/base: 2.000× (beyond ±5%" in text
+    assert "machine's own speed changed between the runs" in text
+
+
 def test_a_small_noisy_difference_is_not_a_regression(base_file: Path, tmp_path: Path) -> None:
     # 1.2x slower but the new samples overlap the old ones: not significant
     records = run_records({"full": 1.2})

@@ -9,6 +9,11 @@ drifts of 1% between two runs on a shared machine; ``min_change`` keeps those ap
 changes worth reading. A *significant regression* is a case whose new median is above ``fail_above``
 times the base median with a p-value below ``alpha``.
 
+Each run measures a large matmul when it starts (``env.peak_flops_per_s``, the roofline's ceiling):
+the ratio of its time new / base says how much the machine itself changed speed between the runs
+(on a shared VM, by 30% and more between two back-to-back sweeps). The summary prints it; where it
+is beyond ``min_change``, a change of that size in the cases is not the code's.
+
 The statistics (the Mann–Whitney test, geometric means) come from :mod:`bench.report.stats`.
 """
 
@@ -56,6 +61,10 @@ class Comparison:
     def geomean_memory_ratio(self) -> float:
         return geometric_mean(self.both_ok["memory_ratio"])
 
+    def machine_time_ratio(self) -> float:
+        """The time of the start-of-run matmul, new / base, over the cases both ok (geometric mean; NaN: unknown)."""
+        return geometric_mean(self.both_ok["base_peak_flops_per_s"] / self.both_ok["new_peak_flops_per_s"])
+
     def regressions(self, *, fail_above: float) -> pd.DataFrame:
         """Cases significantly slower by more than ``fail_above`` (new median / base median)."""
         ok = self.both_ok
@@ -84,6 +93,11 @@ def _verdict(row: dict, *, min_change: float) -> str:
     return "slower" if row["time_ratio"] > 1 else "faster"
 
 
+def _peak(row: dict) -> float:
+    value = row.get("peak_flops_per_s")
+    return float(value) if isinstance(value, int | float) and value > 0 else math.nan
+
+
 def _compare_row(base: dict, new: dict, *, alpha: float, min_change: float) -> dict:
     row = {c: new[c] for c in _CASE_COLUMNS}
     row["label"] = curve_label(new["impl"], new["params"])
@@ -98,6 +112,7 @@ def _compare_row(base: dict, new: dict, *, alpha: float, min_change: float) -> d
     else:
         row["u_statistic"], row["p_value"] = math.nan, math.nan
     row["significant"] = bool(row["p_value"] < alpha)  # NaN compares False: no samples, no significance
+    row["base_peak_flops_per_s"], row["new_peak_flops_per_s"] = _peak(base), _peak(new)
     row["base_peak_bytes"], row["new_peak_bytes"] = base["peak_bytes"], new["peak_bytes"]
     positive = base["peak_bytes"] > 0 and new["peak_bytes"] > 0
     row["memory_ratio"] = new["peak_bytes"] / base["peak_bytes"] if positive else math.nan
@@ -201,6 +216,12 @@ def format_comparison(comparison: Comparison, *, fail_above: float | None = None
         f"peak memory {_ratio(comparison.geomean_memory_ratio())}",
         _changed_line(comparison),
     ]
+    machine = comparison.machine_time_ratio()
+    if math.isfinite(machine):
+        line = f"the machine: a large matmul timed as each run started, new/base: {_ratio(machine)}"
+        if abs(machine - 1.0) > comparison.min_change:
+            line += f" (beyond ±{comparison.min_change:.0%}: the machine's own speed changed between the runs)"
+        lines.append(line)
     if comparison.any_env:
         lines.append("warning: --any-env: cases were matched across environments that may not be comparable")
     varying = [
