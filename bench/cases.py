@@ -16,7 +16,7 @@ from typing import Any
 
 MODES = ("fwd", "fwd+bwd")
 SCOPES = ("attention", "layers")
-RESIDUALS = ("standard", "reversible")
+RESIDUALS = ("standard", "reversible", "checkpoint")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # without --dtypes: float32 on the CPU; bfloat16 on a GPU, where the fused kernels (FlashAttention) need half precision
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "mps": "bfloat16"}
@@ -50,7 +50,7 @@ class Case:
     causal: bool = False
     scope: str = "attention"  # "attention": the kernel alone; "layers": a stack of transformer layers
     depth: int = 1  # layers in the stack (1 for the attention scope)
-    residual: str = "standard"  # "standard" or "reversible" (layers scope only)
+    residual: str = "standard"  # one of RESIDUALS (layers scope only)
     params: tuple[tuple[str, Any], ...] = ()  # the implementation's config, sorted (name, value) pairs
 
     def __post_init__(self) -> None:

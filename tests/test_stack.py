@@ -1,4 +1,4 @@
-"""The layer stack (bench/measure/stack.py): reversible backprop equals autograd, RNG replay, memory."""
+"""The layer stack (bench/measure/stack.py): reversible backprop and checkpointing equal autograd, RNG replay, memory."""
 
 from __future__ import annotations
 
@@ -52,6 +52,23 @@ def test_reversible_gradients_equal_autograd(impl: str, causal: bool) -> None:
     assert all(g.abs().sum() > 0 for g in grads_rev)
 
 
+@pytest.mark.parametrize("impl", ["full", "reformer"])
+def test_checkpointed_layers_equal_the_standard_stack(impl: str) -> None:
+    """Checkpointing changes what is stored, not what is computed: same output, same gradients (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, SEQ_LEN, D_MODEL, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, SEQ_LEN, D_MODEL, generator=gen, dtype=torch.float64)
+    results = {}
+    for residual in ("standard", "checkpoint"):
+        stack = make_stack(impl, residual=residual, causal=True).double()  # the same seed: the same parameters
+        torch.manual_seed(7)  # the Reformer draws its hashes from the RNG: the same draws for both
+        results[residual] = gradients(stack, x, weights, reversible_backprop=True)
+    (out_std, grads_std), (out_ckpt, grads_ckpt) = results["standard"], results["checkpoint"]
+    assert torch.equal(out_ckpt, out_std)
+    assert max_rel_error(grads_ckpt, grads_std) <= 1e-12
+    assert all(g.abs().sum() > 0 for g in grads_ckpt)
+
+
 class NoisyAttention(AttentionModule):
     """Full attention times fresh random noise from torch's RNG at every call (as dropout would be)."""
 
@@ -98,7 +115,7 @@ def test_backward_accumulates_into_parameter_grads() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("residual", ["standard", "reversible"])
+@pytest.mark.parametrize("residual", ["standard", "reversible", "checkpoint"])
 def test_stack_trains(residual: str) -> None:
     """A few Adam steps on a fixed regression target lower the loss; gradients stay finite."""
     stack = make_stack("reformer", residual=residual, causal=True, depth=2)
@@ -118,7 +135,7 @@ def test_stack_trains(residual: str) -> None:
 
 
 def test_shapes_and_no_graph_under_no_grad() -> None:
-    for residual in ("standard", "reversible"):
+    for residual in ("standard", "reversible", "checkpoint"):
         stack = make_stack("full", residual=residual)
         x = torch.randn(3, SEQ_LEN, D_MODEL)
         with torch.no_grad():
@@ -144,18 +161,20 @@ def peak_bytes_fwd_bwd(stack: TransformerStack, x: torch.Tensor) -> int:
     return measure_peak(step, device="cpu").peak_bytes
 
 
-def test_reversible_memory_does_not_grow_with_depth() -> None:
-    """fwd+bwd peak: standard keeps every layer's activations, reversible about one layer's."""
+def test_reversible_and_checkpointed_memory_hardly_grows_with_depth() -> None:
+    """fwd+bwd peak: standard keeps every layer's activations, reversible about one layer's, checkpointed
+    one layer's and every layer's input."""
     seq_len = 256
     x = torch.randn(2, seq_len, D_MODEL)
     growth = {}
-    for residual in ("standard", "reversible"):
+    for residual in ("standard", "reversible", "checkpoint"):
         shallow = peak_bytes_fwd_bwd(make_stack("full", residual=residual, depth=1, seq_len=seq_len), x.clone())
         deep = peak_bytes_fwd_bwd(make_stack("full", residual=residual, depth=6, seq_len=seq_len), x.clone())
         growth[residual] = deep - shallow
     # one full-attention layer stores ~ batch * heads * n^2 floats (several times): 2 MB per layer here
     assert growth["standard"] > 5 * 2 * HEADS * seq_len * seq_len * 4, growth
     assert growth["reversible"] < 0.2 * growth["standard"], growth
+    assert growth["checkpoint"] < 0.2 * growth["standard"], growth
 
 
 def test_cost_model() -> None:
@@ -165,10 +184,35 @@ def test_cost_model() -> None:
     assert fwd > 6 * spec.flops(batch=2, heads=4, seq_len=1024, head_dim=64)
     standard = stack_flops(spec, **kwargs, mode="fwd+bwd")
     reversible = stack_flops(spec, **kwargs, mode="fwd+bwd", residual="reversible")
-    assert fwd < standard < reversible
+    checkpointed = stack_flops(spec, **kwargs, mode="fwd+bwd", residual="checkpoint")
+    assert fwd < standard < reversible == checkpointed  # both run every layer's forward once more
     mem_standard = stack_memory_bytes(spec, **kwargs, itemsize=4, mode="fwd+bwd")
     mem_reversible = stack_memory_bytes(spec, **kwargs, itemsize=4, mode="fwd+bwd", residual="reversible")
     assert 0 < mem_reversible < mem_standard
+    assert 0 < stack_memory_bytes(spec, **kwargs, itemsize=4, mode="fwd+bwd", residual="checkpoint") < mem_standard
     assert stack_memory_bytes(spec, **kwargs, itemsize=4) > 0
     with pytest.raises(ValueError, match="mode"):
         stack_flops(spec, **kwargs, mode="bwd")
+
+
+def test_a_sweep_measures_checkpointed_stacks(tmp_path) -> None:
+    import json
+
+    from cli_helpers import attnbench
+
+    from bench.cases import RESIDUALS
+    from bench.report.figures import RESIDUAL_STYLES
+
+    assert set(RESIDUAL_STYLES) == set(RESIDUALS)  # the layer figure draws every residual kind
+    out = tmp_path / "layers.jsonl"
+    result = attnbench(
+        "run", "--impls", "full", "--scope", "layers", "--depths", "2", "--residual", "standard,checkpoint",
+        "--seq-lens", "64", "--modes", "fwd+bwd", "--min-time", "0.01", "--processes", "1", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = {r["case"]["residual"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {k: r["status"] for k, r in records.items()} == {"standard": "ok", "checkpoint": "ok"}
+    assert records["checkpoint"]["flops"] == pytest.approx(4 / 3 * records["standard"]["flops"])
+    report = tmp_path / "report"
+    assert attnbench("report", str(out), "--out", str(report)).returncode == 0
+    assert "checkpoint" in (report / "README.md").read_text()

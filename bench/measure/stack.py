@@ -12,6 +12,13 @@ Each layer has two sublayers, both pre-norm:
 
 ``residual="standard"``: ``x = x + f(x); x = x + g(x)``. Autograd stores every layer's activations.
 
+``residual="checkpoint"``: the standard architecture with activation checkpointing per layer
+(``torch.utils.checkpoint``, non-reentrant; Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+Cost", https://arxiv.org/abs/1604.06174): each layer keeps only its input in forward and is run again,
+with its graph, when backward reaches it. Memory for activations: the layers' inputs plus one layer's;
+the price is one more forward per layer, as for reversible layers. The recomputation replays the RNG
+(``preserve_rng_state``).
+
 ``residual="reversible"``: the input is duplicated into ``(x1, x2) = (x, x)``; each layer computes
 ``y1 = x1 + f(x2); y2 = x2 + g(y1)``; the stack returns ``(y1 + y2) / 2``. A custom autograd function runs
 the whole stack under ``no_grad`` and keeps only the last layer's outputs; backward walks the layers from
@@ -30,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from attention_impls.base import AttentionModule
 from attention_impls.registry import ImplSpec
@@ -111,6 +119,11 @@ class _Layer(nn.Module):
         super().__init__()
         self.f = AttentionSublayer(attention, d_model=d_model, heads=heads, causal=causal)
         self.g = FeedForward(d_model=d_model, ffn_mult=ffn_mult)
+
+    def standard(self, x: torch.Tensor) -> torch.Tensor:
+        """The standard residual layer: ``x + f(x)``, then ``+ g(.)``; (batch, seq_len, d_model) in and out."""
+        x = x + self.f(x)
+        return x + self.g(x)
 
 
 # --- RNG capture, so that recomputation sees the forward's random numbers ----------------------------
@@ -246,8 +259,11 @@ class TransformerStack(nn.Module):
         )
         if self.residual == "standard":
             for layer in self.layers:
-                x = x + layer.f(x)
-                x = x + layer.g(x)
+                x = layer.standard(x)
+            return x
+        if self.residual == "checkpoint":
+            for layer in self.layers:
+                x = checkpoint(layer.standard, x, use_reentrant=False) if torch.is_grad_enabled() else layer.standard(x)
             return x
         if not reversible_backprop:
             x1, x2 = x, x
@@ -291,7 +307,7 @@ def stack_flops(
     mode: str = "fwd",
 ) -> float:
     """Floating-point operations of one call: ``mode`` "fwd", or "fwd+bwd" (backward ~ 2x forward; the
-    reversible stack recomputes every layer's forward once more)."""
+    reversible and checkpointed stacks recompute every layer's forward once more)."""
     head_dim = _head_dim_for(mode, d_model=d_model, heads=heads)
     attention = spec.flops(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal)
     layer = attention + _layer_dense_flops(
@@ -300,7 +316,7 @@ def stack_flops(
     forward = depth * layer
     if mode == "fwd":
         return forward
-    return forward * (4.0 if residual == "reversible" else 3.0)
+    return forward * (3.0 if residual == "standard" else 4.0)
 
 
 def stack_memory_bytes(
@@ -340,5 +356,8 @@ def stack_memory_bytes(
     if residual == "reversible":
         # outputs of the last layer, gradients of both streams, one layer recomputed with its graph
         return 2 * params + 2 * layer_work + 6 * tokens * d_model * itemsize
+    if residual == "checkpoint":
+        # every layer's input, one layer recomputed with its graph, output and gradients
+        return 2 * params + 2 * layer_work + (depth + 4) * tokens * d_model * itemsize
     # every layer keeps its activations (the attention's own included) until backward
     return 2 * params + depth * layer_work + 2 * tokens * d_model * itemsize

@@ -105,8 +105,9 @@ def layers_section(an: Analysis) -> list[str]:
     return _section(
         "Layer stacks",
         "Peak memory and median time of a stack of transformer layers by depth, standard against reversible "
-        "residuals (a reversible stack recomputes activations in backward instead of storing them). Both "
-        "stacks also hold one gradient per parameter, which grows with depth whatever the residual: "
+        "and checkpointed residuals (a reversible stack recomputes activations in backward from the layer "
+        "above; a checkpointed one keeps each layer's input and runs the layer again). Every "
+        "stack also holds one gradient per parameter, which grows with depth whatever the residual: "
         "about 12·d² weights per layer (four projections and a feed-forward of width 4d; d = heads × head_dim: "
         "12 MB per layer in float32 at d = 512), "
         "so a reversible stack is flattest where activations dominate, at long sequences.",

@@ -82,6 +82,10 @@ ROOFLINE = CurveSpec(
 )
 
 
+# marker and line style of each residual kind in the layer-stack figure (bench.cases.RESIDUALS)
+RESIDUAL_STYLES = {"standard": ("o", "-"), "reversible": ("s", "--"), "checkpoint": ("^", ":")}
+
+
 def curve_figure(
     rows: pd.DataFrame,
     *,
@@ -199,8 +203,9 @@ def layers_figure(
     modes = sorted(rows["mode"].unique())
     title = "Layer stack: peak memory vs depth"
     caption = (
-        "Peak memory of a stack of transformer layers against its depth, solid for standard residuals and dashed "
-        "for reversible ones (which should stay nearly flat in fwd+bwd), one panel per mode and length."
+        "Peak memory of a stack of transformer layers against its depth, solid for standard residuals, dashed "
+        "for reversible ones and dotted for checkpointed ones (both should grow slowly in fwd+bwd), one panel "
+        "per mode and length."
     )
     with figure_style():
         figure, axes = new_figure(ncols=len(lengths), nrows=len(modes), width_in=3.8, height_in=3.2)
@@ -219,9 +224,9 @@ def layers_figure(
                         scale=MIB,
                         floor=floor,
                         placed=placed,
-                        marker="o" if residual == "standard" else "s",
+                        marker=RESIDUAL_STYLES[residual][0],
                         color=palette[impl],
-                        linestyle="-" if residual == "standard" else "--",
+                        linestyle=RESIDUAL_STYLES[residual][1],
                         label=f"{line['label'].iloc[0]} {residual}",
                     )
                 if ok_rows(panel)["peak_bytes"].dropna().empty:
