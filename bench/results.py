@@ -65,7 +65,8 @@ RECORD_FIELDS = (
     Field("impl_info", "object", "the implementation's metadata: name, family, paper, complexities, exact, ..."),
     Field("meta", "object", "optional, from other producers: time_complexity and memory_complexity"),
     Field("env", "object", "the environment probe: host, CPU, GPU, versions, threads, matmul peaks, free memory"),
-    Field("median_s", "number", "median seconds per call"),
+    Field("median_s", "number", "median seconds per call (pooled over processes: the fastest process's median)"),
+    Field("pooled_median_s", "number", "pooled records only: the median of every process's samples"),
     Field("iqr_s", "number", "interquartile range of the per-call samples"),
     Field("min_s", "number", "fastest sample, seconds per call"),
     Field("mean_s", "number", "mean of the samples, seconds per call"),
@@ -77,7 +78,7 @@ RECORD_FIELDS = (
     Field("process", "number", "which of the run's worker processes measured this record (0: the first)", False),
     Field("processes", "number", "worker processes that measure each case (pooled: those that finished ok)", False),
     Field("process_medians_s", "list", "pooled records only: each process's median"),
-    Field("process_spread", "number", "pooled: range of the process medians over the pooled median"),
+    Field("process_spread", "number", "pooled: range of the process medians over the fastest"),
     Field("within_spread", "number", "pooled: median over processes of IQR / median"),
     Field("unstable", "bool", "pooled: the processes disagree (bench.pooling) or one did not finish"),
     Field("measured_s", "number", "seconds inside timed calls, warm-up included"),
@@ -121,8 +122,13 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# the value of an identity field in records written before the field existed (attnbench never set the
+# allocator then: such a run used the platform's default unless its user had set one)
+ENV_IDENTITY_DEFAULTS = {"allocator": "default"}
+
+
 def env_identity(env: dict[str, Any]) -> tuple:
-    return tuple(env.get(field) for field in ENV_IDENTITY_FIELDS)
+    return tuple(env.get(field, ENV_IDENTITY_DEFAULTS.get(field)) for field in ENV_IDENTITY_FIELDS)
 
 
 def dumps(record: dict[str, Any]) -> str:

@@ -114,6 +114,14 @@ def test_the_machines_own_speed_change_is_shown(base_file: Path, tmp_path: Path)
     assert "machine's own speed changed between the runs" in text
 
 
+def test_different_numbers_of_rounds_are_named(base_file: Path, tmp_path: Path) -> None:
+    rounds = [{**r, "processes": 3} for r in run_records()]
+    result = compare.compare_files([base_file], [write_results(tmp_path / "three.jsonl", rounds)])
+    assert "warning: BASE was timed in 1 processes a case, NEW in 3" in compare.format_comparison(result)
+    same = compare.compare_files([base_file], [write_results(tmp_path / "one.jsonl", run_records())])
+    assert "processes a case" not in compare.format_comparison(same)
+
+
 def test_a_small_noisy_difference_is_not_a_regression(base_file: Path, tmp_path: Path) -> None:
     # 1.2x slower but the new samples overlap the old ones: not significant
     records = run_records({"full": 1.2})

@@ -99,6 +99,13 @@ def test_rounds_measure_each_case_in_fresh_processes_and_the_report_pools_them(t
     assert "## Repeatability" in (report / "README.md").read_text()
 
 
+def test_records_from_before_the_allocator_field_count_as_the_default() -> None:
+    from bench.results import env_identity
+
+    assert env_identity({"host": "h"}) == env_identity({"host": "h", "allocator": "default"})
+    assert env_identity({"host": "h"}) != env_identity({"host": "h", "allocator": "LD_PRELOAD=/x.so"})
+
+
 def test_the_allocator_setting_is_what_the_environment_sets() -> None:
     assert allocator_setting({"PATH": "/bin", "OMP_PLACES": "cores"}) == "default"
     preloaded = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_ARENA_MAX": "2", "PATH": "/bin"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,28 @@ def test_crosscheck_runs_each_case_in_a_worker_and_goes_on_after_one_dies(tmp_pa
     assert rows["fault_abort"]["status"] == "crashed" and "SIGABRT" in rows["fault_abort"]["message"]
     assert rows["fault_raise"]["status"] == "error"
     assert rows["sdpa"]["status"] == "ok" and float(rows["sdpa"]["ratio"]) > 0 and rows["sdpa"]["rounds"] == "2"
+
+
+def test_crosscheck_replaces_the_worker_where_a_sweep_would(monkeypatch) -> None:
+    """After a case that fails on an accelerator (a broken CUDA context) the next case gets a new worker."""
+    from bench.cases import Case
+    from bench.options import MeasureOptions
+
+    started = []
+
+    class Counted(crosscheck.WorkerProcess):
+        def __init__(self, **kwargs) -> None:
+            started.append(1)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(crosscheck, "WorkerProcess", Counted)
+    monkeypatch.setattr(crosscheck, "needs_new_worker", lambda case, status: status == "error")  # as on CUDA
+    monkeypatch.setenv("ATTNBENCH_IMPORT", "fault_impls")
+    tests = Path(__file__).parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tests), str(tests.parent)]))
+    cases = [Case("fault_raise", 16, heads=1, head_dim=8), Case("sdpa", 16, heads=1, head_dim=8)]
+    results = crosscheck.run_crosscheck(cases, MeasureOptions(min_time_s=0.01), rounds=1, log=lambda line: None)
+    assert [r.status for r in results] == ["error", "ok"] and len(started) == 2
 
 
 def test_a_case_that_fails_is_a_row_with_its_status() -> None:

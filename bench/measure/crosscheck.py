@@ -45,13 +45,14 @@ from attention_impls import UnsupportedCase
 from bench.cases import Case
 from bench.measure.env import set_tf32
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
+from bench.measure.runner import needs_new_worker
 from bench.measure.timing import time_callable
 from bench.measure.worker import is_oom, prepare
 from bench.options import MeasureOptions
 from bench.results import first_line
 
 RATIO_RANGE = (0.9, 1.1)  # harness / independent inside this range agrees
-CASE_TIMEOUT_S = 900.0  # one case, every round of every method, before its worker is killed
+CASE_TIMEOUT_S = 900.0  # one case's set-up and warm-up calls, beyond the methods' timed seconds
 # the CUDA-event loop: calls to estimate one call's duration, warm-up time, bounds on the timed calls
 CUDA_ESTIMATE_CALLS = 5
 CUDA_WARMUP_S = 0.025
@@ -319,6 +320,7 @@ def run_crosscheck(
 ) -> list[CrosscheckResult]:
     """Every case in turn, each in a worker process started as a sweep's (threads: the physical cores)."""
     threads = threads or physical_threads()
+    timeout_s = CASE_TIMEOUT_S + 3 * options.min_time_s  # each of up to three methods takes min_time_s in all
     log_dir = Path(tempfile.mkdtemp(prefix="attnbench-crosscheck-"))
     worker: WorkerProcess | None = None
     results = []
@@ -328,12 +330,15 @@ def run_crosscheck(
             worker = worker or WorkerProcess(threads=threads, log_dir=log_dir)
             request = {"op": "crosscheck", "case": case.to_dict(), "options": options.to_json(), "rounds": rounds}
             try:
-                result = CrosscheckResult.from_json(worker.request(request, timeout_s=CASE_TIMEOUT_S))
+                result = CrosscheckResult.from_json(worker.request(request, timeout_s=timeout_s))
+                if needs_new_worker(case, result.status):  # a CUDA error may have broken the context
+                    worker.close()
+                    worker = None
             except (WorkerDied, WorkerTimeout) as exc:
                 status, message = (
                     (exc.status, exc.message)
                     if isinstance(exc, WorkerDied)
-                    else ("timeout", f"no result after {CASE_TIMEOUT_S:g} s; worker killed")
+                    else ("timeout", f"no result after {timeout_s:g} s; worker killed")
                 )
                 result = CrosscheckResult(case, status, message, threads=threads)
                 worker.kill()

@@ -93,6 +93,12 @@ def _verdict(row: dict, *, min_change: float) -> str:
     return "slower" if row["time_ratio"] > 1 else "faster"
 
 
+def _processes(row: dict) -> int:
+    """The processes whose best round is the case's time (records of one process: 1)."""
+    value = row.get("processes")
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) and value >= 1 else 1
+
+
 def _peak(row: dict) -> float:
     value = row.get("peak_flops_per_s")
     return float(value) if isinstance(value, int | float) and value > 0 else math.nan
@@ -113,6 +119,7 @@ def _compare_row(base: dict, new: dict, *, alpha: float, min_change: float) -> d
         row["u_statistic"], row["p_value"] = math.nan, math.nan
     row["significant"] = bool(row["p_value"] < alpha)  # NaN compares False: no samples, no significance
     row["base_peak_flops_per_s"], row["new_peak_flops_per_s"] = _peak(base), _peak(new)
+    row["base_processes"], row["new_processes"] = _processes(base), _processes(new)
     row["base_peak_bytes"], row["new_peak_bytes"] = base["peak_bytes"], new["peak_bytes"]
     positive = base["peak_bytes"] > 0 and new["peak_bytes"] > 0
     row["memory_ratio"] = new["peak_bytes"] / base["peak_bytes"] if positive else math.nan
@@ -222,6 +229,13 @@ def format_comparison(comparison: Comparison, *, fail_above: float | None = None
         if abs(machine - 1.0) > comparison.min_change:
             line += f" (beyond ±{comparison.min_change:.0%}: the machine's own speed changed between the runs)"
         lines.append(line)
+    rounds = {side: sorted(set(comparison.both_ok[f"{side}_processes"])) for side in ("base", "new")}
+    if rounds["base"] != rounds["new"]:
+        lines.append(
+            f"warning: BASE was timed in {'/'.join(map(str, rounds['base']))} processes a case, NEW in "
+            f"{'/'.join(map(str, rounds['new']))}: a case's time is its best round, and the best of more rounds "
+            "reads faster"
+        )
     if comparison.any_env:
         lines.append("warning: --any-env: cases were matched across environments that may not be comparable")
     varying = [
