@@ -32,9 +32,9 @@ CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 BENCH_ARGS = [
     "--seq-lens", "256:16384:x2", "--modes", "fwd,fwd+bwd", "--min-time", "0.2", "--timeout", "25", "--processes", "3",
 ]  # fmt: skip
-# The layer-stack study: standard vs reversible residuals as the stack deepens.
+# The layer-stack study: standard, reversible and checkpointed residuals as the stack deepens.
 LAYERS_ARGS = [
-    "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4", "--residual", "standard,reversible",
+    "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4", "--residual", "standard,reversible,checkpoint",
     "--seq-lens", "1024", "--modes", "fwd+bwd", "--min-time", "0.2", "--timeout", "60", "--processes", "3",
 ]  # fmt: skip
 nox.options.reuse_venv = "yes"
