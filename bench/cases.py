@@ -199,6 +199,11 @@ def parse_param_overrides(items: Iterable[str]) -> tuple[tuple[str, str, str], .
     return tuple(overrides)
 
 
+def parse_impls(text: str) -> tuple[str, ...]:
+    """Implementation names or wildcards, comma-separated; ``*`` (every one) when none is given."""
+    return tuple(item.strip() for item in text.split(",") if item.strip()) or ("*",)
+
+
 @dataclasses.dataclass(frozen=True)
 class GridRequest:
     """What the user asked to run, parsed; ``bench.measure.plan.plan_cases`` checks it against the registry."""

@@ -141,11 +141,16 @@ def check_gradients(impl: str | ImplSpec, *, seq_len: int, causal: bool) -> None
     out = run(spec, q, k, v, causal=causal)
     assert out.requires_grad, f"{spec.name}: output is detached from q, k, v"
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    check_input_gradients(spec, q, k, v)
+
+
+def check_input_gradients(spec: ImplSpec, q, k, v, *, context: str = "") -> None:
+    """After a backward pass: q, k and v each got a finite, non-zero gradient (k not, for shared query-key)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if spec.shared_qk and name == "k":
             continue  # shared query-key attention ignores k by definition
         assert x.grad is not None, f"{spec.name}: no gradient for {name}"
-        assert torch.isfinite(x.grad).all(), f"{spec.name}: non-finite gradient for {name}"
+        assert torch.isfinite(x.grad).all(), f"{spec.name}: non-finite gradient for {name}{context}"
         assert x.grad.abs().sum() > 0, f"{spec.name}: gradient for {name} is all zeros"
 
 

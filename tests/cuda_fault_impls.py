@@ -7,24 +7,14 @@ with ``fault_impls``), so the device-side assert happens for real inside a worke
 from __future__ import annotations
 
 import torch
+from fault_impls import _Fault
 
-from attention_impls import AttentionModule, register
-from attention_impls.full import FullAttention
+from attention_impls import register
 
 
 @register("fault_device_assert")
-class DeviceAssert(AttentionModule):
+class DeviceAssert(_Fault):
     """Indexes a CUDA tensor out of range: the indexing kernel's device-side assert fires, and the context is broken."""
-
-    family = "fault"
-    paper = "https://example.org/faults"
-    time_complexity = "O(n^2 d)"
-    memory_complexity = "O(n^2)"
-    flops = FullAttention.flops
-
-    @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
-        return 1024.0  # deliberately tiny: the budget check must not stop the fault from happening
 
     def forward(self, q, k, v, *, causal=False):
         index = torch.tensor([10], device=q.device)

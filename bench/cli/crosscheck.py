@@ -27,16 +27,16 @@ def _request(args: argparse.Namespace) -> grid.GridRequest:
     if args.rounds < 1:
         raise grid.GridError(f"--rounds must be at least 1, got {args.rounds}")
     return grid.GridRequest(
-        impls=tuple(item.strip() for item in args.impls.split(",") if item.strip()) or ("*",),
+        impls=grid.parse_impls(args.impls),
         seq_lens=tuple(grid.parse_seq_lens(args.seq_lens)),
         dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype")) if args.dtypes else None,
         modes=tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode")),
-        batch=1,
-        heads=8,
-        head_dim=64,
-        causal=False,
-        scope="attention",
-        depths=(1,),
+        batch=grid.Case.batch,  # the shape of a sweep's default case
+        heads=grid.Case.heads,
+        head_dim=grid.Case.head_dim,
+        causal=grid.Case.causal,
+        scope=grid.Case.scope,
+        depths=(grid.Case.depth,),
         devices=tuple(grid.parse_devices(args.devices or DEFAULT_DEVICES)),
     )
 

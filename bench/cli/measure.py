@@ -56,7 +56,7 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
     if not depths or min(depths) < 1:
         raise grid.GridError(f"--depths must be positive integers, got {args.depths!r}")
     return grid.GridRequest(
-        impls=tuple(item.strip() for item in args.impls.split(",") if item.strip()) or ("*",),
+        impls=grid.parse_impls(args.impls),
         seq_lens=tuple(grid.parse_seq_lens(args.seq_lens)),
         dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype"))
         if args.dtypes is not None
@@ -142,9 +142,9 @@ def add_run_parser(sub) -> None:
     p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda, else mps, else cpu)")
     p.add_argument("--dtypes", help=grid.DTYPES_HELP)
     p.add_argument("--modes", default="fwd,fwd+bwd", help=f"comma-separated, from {', '.join(grid.MODES)}")
-    p.add_argument("--batch", type=int, default=1, help="batch size")
-    p.add_argument("--heads", type=int, default=8, help="attention heads")
-    p.add_argument("--head-dim", type=int, default=64, help="dimension of each head")
+    p.add_argument("--batch", type=int, default=grid.Case.batch, help="batch size")
+    p.add_argument("--heads", type=int, default=grid.Case.heads, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=grid.Case.head_dim, help="dimension of each head")
     p.add_argument("--causal", action="store_true", help="causal masking")
     p.add_argument("--scope", choices=grid.SCOPES, default="attention", help="the kernel alone, or a layer stack")
     p.add_argument("--depths", default="1", help="layer-stack depths, comma-separated (--scope layers)")
