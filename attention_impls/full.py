@@ -14,28 +14,38 @@ import math
 
 import torch
 
-from attention_impls.base import AttentionModule, EmptyConfig, check_qkv, masked_softmax
+from attention_impls.base import (
+    AttentionModule,
+    EmptyConfig,
+    causal_keep,
+    check_qkv,
+    group_queries,
+    masked_softmax,
+    ungroup_queries,
+)
+from attention_impls.decoding import KVCacheDecoding
 from attention_impls.registry import register
 
 
-def causal_keep(seq_len_q: int, seq_len_k: int, device: torch.device) -> torch.Tensor:
-    """(seq_len_q, seq_len_k) bool: query i may see key j when j <= i."""
-    rows = torch.arange(seq_len_q, device=device).unsqueeze(1)
-    cols = torch.arange(seq_len_k, device=device).unsqueeze(0)
-    return cols <= rows
-
-
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V on (batch, heads, seq_len, head_dim) tensors."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (batch, heads, seq_len, seq_len)
-    keep = causal_keep(q.shape[2], k.shape[2], q.device) if causal else None
-    probs = masked_softmax(scores, keep)  # (batch, heads, seq_len, seq_len)
-    return torch.matmul(probs, v)  # (batch, heads, seq_len, head_dim)
+    """softmax(Q K^T / sqrt(d)) V; q (batch, heads, q_len, d), k and v (batch, kv_heads, kv_len, d).
+
+    Grouped heads share their key/value head's keys through ``group_queries`` (no copy of k or v); causal
+    aligns the last query with the last key (``causal_keep``).
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    rows = group_queries(q, kv_heads)  # (batch, kv_heads, group * q_len, d)
+    scores = torch.matmul(rows, k.transpose(-2, -1)) * scale  # (batch, kv_heads, group * q_len, kv_len)
+    scores = scores.view(batch, kv_heads, heads // kv_heads, q_len, kv_len)  # (batch, kv_heads, group, q_len, kv_len)
+    keep = causal_keep(q_len, kv_len, q.device) if causal else None  # (q_len, kv_len)
+    probs = masked_softmax(scores, keep).view(batch, kv_heads, -1, kv_len)  # (batch, kv_heads, group*q_len, kv_len)
+    return ungroup_queries(torch.matmul(probs, v), heads)  # (batch, heads, q_len, head_dim)
 
 
 @register("full")
-class FullAttention(AttentionModule):
+class FullAttention(KVCacheDecoding, AttentionModule):
     """Materialized softmax attention (exact, O(n^2) memory)."""
 
     Config = EmptyConfig
@@ -45,17 +55,24 @@ class FullAttention(AttentionModule):
     memory_complexity = "O(n^2)"
     exact = True
     supports_causal = True
+    supports_grouped_heads = True
+    supports_cross = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped=True, cross=True)
         return full_attention(q, k, v, causal=causal)
 
-    @classmethod
-    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
-        # Q K^T and P V, each seq_len^2 * head_dim multiply-adds; the masked half is computed too
-        return 4.0 * batch * heads * seq_len * seq_len * head_dim
+    @staticmethod
+    def attend_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return full_attention(q, keys, values)  # (batch, heads, 1, head_dim): the new token sees every key
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
-        # scores, exponentials and probabilities: three (seq_len x seq_len) matrices per head
-        return 3.0 * batch * heads * seq_len * seq_len * itemsize + batch * heads * seq_len * head_dim * itemsize
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal, q_len=None):
+        # Q K^T and P V, each q_len * seq_len * head_dim multiply-adds; the masked part is computed too
+        return 4.0 * batch * heads * (q_len or seq_len) * seq_len * head_dim
+
+    @classmethod
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, q_len=None):
+        # scores, exponentials and probabilities: three (q_len x seq_len) matrices per head; the output
+        rows = batch * heads * (q_len or seq_len)
+        return 3.0 * rows * seq_len * itemsize + rows * head_dim * itemsize

@@ -47,7 +47,17 @@ import torch
 import torch.nn.functional as F
 
 from attention_impls import blocks
-from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad, pad_seq
+from attention_impls.base import (
+    AttentionModule,
+    check_qkv,
+    choice_error,
+    group_queries,
+    int_error,
+    needs_grad,
+    pad_seq,
+    ungroup_queries,
+)
+from attention_impls.decoding import DecodeCache
 from attention_impls.registry import register
 
 __all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
@@ -157,63 +167,109 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, ones], dim=-1)  # (batch, heads, length, head_dim + 1)
 
 
+def _key_state(k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, acc: torch.dtype) -> torch.Tensor:
+    """(S | z) = sum_j phi(k_j) (v_j | 1)^T over every position of k, v (batch, kv_heads, length, head_dim).
+
+    Returns (batch, kv_heads, head_dim, head_dim + 1) in ``acc``, a block of positions at a time.
+    """
+    batch, kv_heads, length, dim = k.shape
+    dim_v = v.shape[-1]
+    kv = k.new_zeros(batch, kv_heads, dim, dim_v, dtype=acc)  # (batch, kv_heads, head_dim, head_dim): S
+    z = k.new_zeros(batch, kv_heads, dim, dtype=acc)  # (batch, kv_heads, head_dim): z = sum_j phi(k_j)
+    for start in range(0, length, block):
+        phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
+        v_blk = v[:, :, start : start + block].to(acc)  # (batch, kv_heads, length, head_dim)
+        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v_blk)  # (batch, kv_heads, head_dim, head_dim)
+        z = z + phi_k.sum(dim=2)  # (batch, kv_heads, head_dim)
+    return torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, kv_heads, head_dim, head_dim + 1): (S | z)
+
+
 def _noncausal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, eps: float
 ) -> torch.Tensor:
-    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time."""
-    batch, heads, seq_len, dim = q.shape
-    dim_v = v.shape[-1]
+    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time.
+
+    Each key/value head's state serves its group of query heads, their rows side by side (``group_queries``).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
-    kv = q.new_zeros(batch, heads, dim, dim_v, dtype=acc)  # (batch, heads, head_dim, head_dim): S = sum phi(k_j) v_j^T
-    z = q.new_zeros(batch, heads, dim, dtype=acc)  # (batch, heads, head_dim): z = sum_j phi(k_j)
-    for start in range(0, seq_len, block):
-        phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, heads, length, head_dim)
-        v_blk = v[:, :, start : start + block].to(acc)  # (batch, heads, length, head_dim)
-        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v_blk)  # (batch, heads, head_dim, head_dim)
-        z = z + phi_k.sum(dim=2)  # (batch, heads, head_dim)
-    state = torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, heads, head_dim, head_dim + 1): (S | z)
-    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim), the input dtype
-    for start in range(0, seq_len, block):
-        phi_q = phi(q[:, :, start : start + block]).to(acc)  # (batch, heads, length, head_dim)
-        _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, heads, length, head_dim + 1)
-    return out
+    state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
+    rows = group_queries(q, kv_heads)  # (batch, kv_heads, group * q_len, head_dim)
+    out = v.new_empty(*rows.shape[:3], v.shape[-1])  # (batch, kv_heads, group * q_len, head_dim), the input dtype
+    for start in range(0, rows.shape[2], block):
+        phi_q = phi(rows[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
+        _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, kv_heads, length, head_dim + 1)
+    return ungroup_queries(out, heads)  # (batch, heads, q_len, head_dim)
+
+
+def _chunk_rows(x: torch.Tensor, *, kv_heads: int, chunk: int) -> torch.Tensor:
+    """(batch, heads, padded, e) -> (batch, kv_heads, n_chunks, group * chunk, e): each chunk's rows of the
+    group's heads side by side (a view when group is 1)."""
+    batch, heads, padded, dim = x.shape
+    group, n_chunks = heads // kv_heads, padded // chunk
+    x = x.view(batch, kv_heads, group, n_chunks, chunk, dim)  # (batch, kv_heads, group, n_chunks, chunk, e)
+    return x.transpose(2, 3).reshape(batch, kv_heads, n_chunks, group * chunk, dim)
+
+
+def _unchunk_rows(x: torch.Tensor, *, heads: int, chunk: int) -> torch.Tensor:
+    """The inverse of :func:`_chunk_rows`: (batch, kv_heads, n_chunks, group * chunk, e) -> (batch, heads, padded, e)."""
+    batch, kv_heads, n_chunks, _, dim = x.shape
+    x = x.view(batch, kv_heads, n_chunks, heads // kv_heads, chunk, dim)  # (batch, kv_heads, n_chunks, group, ...)
+    return x.transpose(2, 3).reshape(batch, heads, n_chunks * chunk, dim)  # (batch, heads, padded, e)
 
 
 def _causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, chunk: int, block: int, eps: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    phi: FeatureMap,
+    chunk: int,
+    block: int,
+    eps: float,
+    state: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks."""
+    """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks.
+
+    q (batch, heads, length, d) and k, v (batch, kv_heads, length, d) are aligned position by position;
+    ``state`` (batch, kv_heads, d, d + 1) holds the keys before them (cross lengths), None: nothing.
+    """
     batch, heads, seq_len, dim = q.shape
-    dim_v = v.shape[-1]
+    kv_heads, dim_v = k.shape[1], v.shape[-1]
+    group = heads // kv_heads
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
-    # state = sum over the positions before the block of phi(k) (v | 1)^T; its last column is z
-    state = q.new_zeros(batch, heads, dim, dim_v + 1, dtype=acc)  # (batch, heads, head_dim, head_dim + 1)
+    if state is None:
+        # state = sum over the positions before the block of phi(k) (v | 1)^T; its last column is z
+        state = q.new_zeros(batch, kv_heads, dim, dim_v + 1, dtype=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
+    # key j of a chunk visible to row i of the group's rows when j <= i mod chunk (None: tril_ does it)
+    keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1) if group > 1 else None
     out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim), the input dtype
     for start in range(0, seq_len, block):
         stop = min(start + block, seq_len)
         # padding (only in the last block) goes after every real position: causally invisible,
         # and phi(k) is padded with zeros, so it adds nothing to any state
         q_blk = pad_seq(phi(q[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim)
-        k_blk = pad_seq(phi(k[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim)
-        v_blk = pad_seq(_with_ones(v[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim + 1)
+        k_blk = pad_seq(phi(k[:, :, start:stop]), chunk)  # (batch, kv_heads, padded, head_dim)
+        v_blk = pad_seq(_with_ones(v[:, :, start:stop]), chunk)  # (batch, kv_heads, padded, head_dim + 1)
         padded = q_blk.shape[2]
         n_chunks = padded // chunk
-        q_c = q_blk.view(batch, heads, n_chunks, chunk, dim)  # (batch, heads, n_chunks, chunk, head_dim)
-        k_c = k_blk.view(batch, heads, n_chunks, chunk, dim)  # (batch, heads, n_chunks, chunk, head_dim)
-        v_c = v_blk.view(batch, heads, n_chunks, chunk, dim_v + 1)  # (batch, heads, n_chunks, chunk, head_dim + 1)
+        q_c = _chunk_rows(q_blk, kv_heads=kv_heads, chunk=chunk)  # (batch, kv_heads, n_chunks, group*chunk, d)
+        k_c = k_blk.view(batch, kv_heads, n_chunks, chunk, dim)  # (batch, kv_heads, n_chunks, chunk, head_dim)
+        v_c = v_blk.view(batch, kv_heads, n_chunks, chunk, dim_v + 1)  # (batch, kv_heads, n_chunks, chunk, d + 1)
 
         # within a chunk: the quadratic form, key j visible to query i when j <= i (in the input dtype)
-        scores = torch.matmul(q_c, k_c.transpose(-2, -1)).tril_()  # (batch, heads, n_chunks, chunk, chunk)
+        scores = torch.matmul(q_c, k_c.transpose(-2, -1))  # (batch, kv_heads, n_chunks, group * chunk, chunk)
+        scores = scores.tril_() if keep is None else scores.masked_fill_(~keep, 0)
         # across chunks: exclusive prefix sums of the chunk states, starting from the carried state (in acc)
-        k_t = k_c.transpose(-2, -1).to(acc)  # (batch, heads, n_chunks, head_dim, chunk)
-        chunk_states = torch.matmul(k_t, v_c.to(acc))  # (batch, heads, n_chunks, head_dim, head_dim + 1)
-        prefix = torch.cat([state.unsqueeze(2), chunk_states[:, :, :-1]], dim=2)  # (batch, heads, n_chunks, ...)
-        prefix = prefix.cumsum(dim=2)  # (batch, heads, n_chunks, head_dim, head_dim + 1)
-        state = prefix[:, :, -1] + chunk_states[:, :, -1]  # (batch, heads, head_dim, head_dim + 1)
+        k_t = k_c.transpose(-2, -1).to(acc)  # (batch, kv_heads, n_chunks, head_dim, chunk)
+        chunk_states = torch.matmul(k_t, v_c.to(acc))  # (batch, kv_heads, n_chunks, head_dim, head_dim + 1)
+        prefix = torch.cat([state.unsqueeze(2), chunk_states[:, :, :-1]], dim=2)  # (batch, kv_heads, n_chunks, ...)
+        prefix = prefix.cumsum(dim=2)  # (batch, kv_heads, n_chunks, head_dim, head_dim + 1)
+        state = prefix[:, :, -1] + chunk_states[:, :, -1]  # (batch, kv_heads, head_dim, head_dim + 1)
 
-        # (batch, heads, n_chunks, chunk, head_dim + 1), in acc
+        # (batch, kv_heads, n_chunks, group * chunk, head_dim + 1), in acc
         num = torch.matmul(q_c.to(acc), prefix) + torch.matmul(scores, v_c)
-        _store(out, start, num.view(batch, heads, padded, dim_v + 1), eps=eps)
+        _store(out, start, _unchunk_rows(num, heads=heads, chunk=chunk), eps=eps)  # (batch, heads, padded, d + 1)
     return out
 
 
@@ -227,15 +283,23 @@ def linear_attention(
     chunk_size: int = 64,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention on (batch, heads, seq_len, head_dim) tensors; see the module docstring."""
+    """Linear attention; q (batch, heads, q_len, head_dim), k and v (batch, kv_heads, kv_len, head_dim).
+
+    Causal with kv_len > q_len, the keys before the first query's own position enter as the starting state.
+    """
     assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
     assert eps > 0, f"eps must be > 0, got {eps}"
     phi = feature_map(feature_map_name)
-    chunk = min(chunk_size, q.shape[2])
+    q_len, kv_len = q.shape[2], k.shape[2]
+    chunk = min(chunk_size, q_len)
     block = _block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
-    if causal:
-        return _causal(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)
-    return _noncausal(q, k, v, phi=phi, block=block, eps=eps)
+    if not causal:
+        return _noncausal(q, k, v, phi=phi, block=block, eps=eps)
+    before = kv_len - q_len  # keys every query sees (the lower-right alignment), summed first
+    acc = _STATE_DTYPES.get(q.dtype, q.dtype)
+    state = _key_state(k[:, :, :before], v[:, :, :before], phi=phi, block=block, acc=acc) if before else None
+    tail_k, tail_v = k[:, :, before:], v[:, :, before:]  # (batch, kv_heads, q_len, head_dim), aligned with q
+    return _causal(q, tail_k, tail_v, phi=phi, chunk=chunk, block=block, eps=eps, state=state)
 
 
 @register("linear")
@@ -249,10 +313,14 @@ class LinearAttention(AttentionModule):
     memory_complexity = "O(n d)"
     exact = False
     supports_causal = True
+    supports_grouped_heads = True  # one state per key/value head, read by its group of query heads
+    supports_cross = True  # any number of queries over the keys' state; causal: the earlier keys start it
+    supports_decode = True  # the running state (S | z): O(d^2) per step and in memory, whatever the context
+    decode_complexity = "O(d^2)"  # a step's time and its cache's bytes
     config: LinearConfig
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped=True, cross=True)
         return linear_attention(
             q,
             k,
@@ -279,34 +347,70 @@ class LinearAttention(AttentionModule):
         chunk = min(config.chunk_size, seq_len)
         return -(-seq_len // chunk) * chunk
 
-    @classmethod
-    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
-        # matrix products and reductions only (the feature map's elementwise work is not counted)
-        d = head_dim
-        if not causal:
-            # phi(K)^T V, n d^2 multiply-adds, and z, n d adds; phi(Q) (S | z), n d (d + 1); the division
-            per_head = 2.0 * seq_len * d * d + seq_len * d + 2.0 * seq_len * d * (d + 1) + seq_len * d
-            return batch * heads * per_head
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, *, capacity: int) -> DecodeCache:
+        acc = _STATE_DTYPES.get(k.dtype, k.dtype)
+        phi = feature_map(self.config.feature_map)
+        block = _block_positions(k.shape, chunk=1, causal=False, device=k.device)
+        state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
+        return DecodeCache(length=k.shape[2], capacity=capacity, tensors={"state": state})
+
+    def decode_step(self, q, k, v, cache):
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+        state = cache.tensors["state"]  # (batch, kv_heads, head_dim, head_dim + 1)
+        phi = feature_map(self.config.feature_map)
+        phi_k = phi(k).to(state.dtype)  # (batch, kv_heads, 1, head_dim)
+        state = state + torch.matmul(phi_k.transpose(-2, -1), _with_ones(v).to(state.dtype))  # a new tensor
+        rows = phi(group_queries(q, k.shape[1])).to(state.dtype)  # (batch, kv_heads, group, head_dim)
+        out = q.new_empty(*rows.shape[:3], v.shape[-1])  # (batch, kv_heads, group, head_dim)
+        _store(out, 0, torch.matmul(rows, state), eps=self.config.eps)  # (batch, kv_heads, group, head_dim + 1)
+        grown = DecodeCache(length=cache.length + 1, capacity=cache.capacity, tensors={"state": state})
+        return ungroup_queries(out, q.shape[1]), grown  # (batch, heads, 1, head_dim)
+
+    @staticmethod
+    def _padded_len(config: LinearConfig, seq_len: int) -> int:
         chunk = min(config.chunk_size, seq_len)
-        padded = cls._padded_len(config, seq_len)
-        n_chunks = padded // chunk
-        per_head = (
-            2.0 * padded * chunk * d  # phi(Q_c) phi(K_c)^T, the whole chunk x chunk block
-            + 2.0 * padded * chunk * (d + 1)  # masked scores times (V | 1)
-            + 2.0 * padded * d * (d + 1)  # chunk states phi(K_c)^T (V_c | 1)
-            + 2.0 * padded * d * (d + 1)  # phi(Q_c) times the prefix state
-            + 1.0 * n_chunks * d * (d + 1)  # prefix sums of the chunk states
-            + 1.0 * padded * d  # the division by the normalizer
-        )
-        return batch * heads * per_head
+        return -(-seq_len // chunk) * chunk
+
+    @staticmethod
+    def _key_state_flops(*, length: int, d: int) -> float:
+        # phi(K)^T V, n d^2 multiply-adds, and z, n d adds
+        return 2.0 * length * d * d + length * d
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None):
-        d = head_dim
-        chunk = min(config.chunk_size, seq_len)
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal, q_len=None, kv_heads=None):
+        # matrix products and reductions only (the feature map's elementwise work is not counted); the key
+        # states are per key/value head, the query products per query head
+        d, q_len, kv_heads = head_dim, q_len or seq_len, kv_heads or heads
+        if not causal:
+            # the key state over seq_len; phi(Q) (S | z), q_len d (d + 1); the division
+            per_query_head = 2.0 * q_len * d * (d + 1) + q_len * d
+            return batch * (kv_heads * cls._key_state_flops(length=seq_len, d=d) + heads * per_query_head)
+        chunk = min(config.chunk_size, q_len)
+        padded = cls._padded_len(config, q_len)
+        n_chunks = padded // chunk
+        per_query_head = (
+            2.0 * padded * chunk * d  # phi(Q_c) phi(K_c)^T, the whole chunk x chunk block
+            + 2.0 * padded * chunk * (d + 1)  # masked scores times (V | 1)
+            + 2.0 * padded * d * (d + 1)  # phi(Q_c) times the prefix state
+            + 1.0 * padded * d  # the division by the normalizer
+        )
+        per_kv_head = (
+            cls._key_state_flops(length=seq_len - q_len, d=d)  # the keys before the first query's own
+            + 2.0 * padded * d * (d + 1)  # chunk states phi(K_c)^T (V_c | 1)
+            + 1.0 * n_chunks * d * (d + 1)  # prefix sums of the chunk states
+        )
+        return batch * (heads * per_query_head + kv_heads * per_kv_head)
+
+    @classmethod
+    def memory_bytes(
+        cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None, q_len=None
+    ):
+        d, q_len = head_dim, q_len or seq_len
+        chunk = min(config.chunk_size, q_len)
         block = min(  # the device's step, as forward cuts it
-            _block_positions((batch, heads, seq_len, d), chunk=chunk, causal=causal, device=device),
-            cls._padded_len(config, seq_len),
+            _block_positions((batch, heads, q_len, d), chunk=chunk, causal=causal, device=device),
+            cls._padded_len(config, max(q_len, seq_len)),
         )
         acc = max(itemsize, 4)  # the sums' bytes per element: float32 for half inputs
         cast = acc if itemsize < 4 else 0  # half inputs: the float32 copies of a state product's operands
@@ -321,5 +425,15 @@ class LinearAttention(AttentionModule):
                 + block * (d + 1) * (2 * acc + itemsize)  # the two products and their sum
                 + 3.0 * block * (d + 1) * cast  # phi(Q), phi(K), (V | 1) in acc
             )
-        # the output; temporaries; the carried state
-        return batch * heads * (seq_len * d * itemsize + per_block + 2.0 * d * (d + 1) * acc)
+        # the output; temporaries; the carried state (grouped heads need less: this bounds them)
+        return batch * heads * (q_len * d * itemsize + per_block + 2.0 * d * (d + 1) * acc)
+
+    @classmethod
+    def decode_flops(cls, config, *, batch, heads, kv_heads, seq_len, head_dim):
+        d = head_dim
+        # the new key's phi(k)^T (v | 1) added to the state; phi(q) (S | z) and the division per query head
+        return batch * (kv_heads * 3.0 * d * (d + 1) + heads * (2.0 * d * (d + 1) + d))
+
+    @classmethod
+    def cache_bytes(cls, config, *, batch, heads, kv_heads, seq_len, head_dim, itemsize):
+        return float(batch * kv_heads * head_dim * (head_dim + 1) * max(itemsize, 4))  # (S | z), whatever seq_len

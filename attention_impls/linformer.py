@@ -44,7 +44,15 @@ import math
 import torch
 from torch import nn
 
-from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad
+from attention_impls.base import (
+    AttentionModule,
+    check_qkv,
+    choice_error,
+    group_queries,
+    int_error,
+    needs_grad,
+    ungroup_queries,
+)
 from attention_impls.registry import register
 
 __all__ = ["INITS", "LinformerAttention", "LinformerConfig", "linformer_attention", "make_projection"]
@@ -82,34 +90,40 @@ def make_projection(init: str, *, k: int, seq_len: int, generator: torch.Generat
 def linformer_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_k: torch.Tensor, proj_v: torch.Tensor
 ) -> torch.Tensor:
-    """softmax(Q (E K)^T / sqrt(d)) (F V) on (batch, heads, seq_len, head_dim) tensors; E, F are (k, seq_len).
+    """softmax(Q (E K)^T / sqrt(d)) (F V); q (batch, heads, q_len, d), k and v (batch, kv_heads, seq_len, d);
+    E, F are (k, seq_len).
 
-    The queries are taken a block of rows at a time (about ``_SCORES_BLOCK`` score entries), each
-    block's result written straight into the output: the (seq_len x k) scores never exist whole.
+    Keys and values are projected once per key/value head and read by its group of query heads, their rows
+    side by side (``group_queries``). The query rows are taken a block at a time (about ``_SCORES_BLOCK``
+    score entries), each block's result written straight into the output: the scores never exist whole.
     """
     assert proj_k.shape[-1] == k.shape[2], f"proj_k is {tuple(proj_k.shape)}, keys have seq_len {k.shape[2]}"
     assert proj_v.shape[-1] == v.shape[2], f"proj_v is {tuple(proj_v.shape)}, values have seq_len {v.shape[2]}"
-    batch, heads, seq_len, dim = q.shape
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
     scale = 1.0 / math.sqrt(dim)
-    # E expanded over (batch, heads) (a stride-0 view): one batched product without copies; a plain 2-D E
+    # E expanded over (batch, kv_heads) (a stride-0 view): one batched product without copies; a plain 2-D E
     # makes torch.matmul fold the batch into a transposed copy of K, 3x slower at long lengths
-    proj_k = proj_k.expand(batch, heads, *proj_k.shape)  # (batch, heads, k, seq_len)
-    proj_v = proj_v.expand(batch, heads, *proj_v.shape)  # (batch, heads, k, seq_len)
-    keys_t = torch.matmul(proj_k, k).transpose(-2, -1) * scale  # (batch, heads, head_dim, k), scaled
-    values = torch.matmul(proj_v, v)  # (batch, heads, k, head_dim)
-    rows = max(1, _SCORES_BLOCK // (batch * heads * keys_t.shape[-1]))
-    if rows >= seq_len:
-        probs = torch.softmax(torch.matmul(q, keys_t), dim=-1)  # (batch, heads, seq_len, k)
-        return torch.matmul(probs, values)  # (batch, heads, seq_len, head_dim)
+    proj_k = proj_k.expand(batch, kv_heads, *proj_k.shape)  # (batch, kv_heads, k, seq_len)
+    proj_v = proj_v.expand(batch, kv_heads, *proj_v.shape)  # (batch, kv_heads, k, seq_len)
+    keys_t = torch.matmul(proj_k, k).transpose(-2, -1) * scale  # (batch, kv_heads, head_dim, k), scaled
+    values = torch.matmul(proj_v, v)  # (batch, kv_heads, k, head_dim)
+    q_rows = group_queries(q, kv_heads)  # (batch, kv_heads, group * q_len, head_dim)
+    n_rows = q_rows.shape[2]
+    rows = max(1, _SCORES_BLOCK // (batch * kv_heads * keys_t.shape[-1]))
+    if rows >= n_rows:
+        probs = torch.softmax(torch.matmul(q_rows, keys_t), dim=-1)  # (batch, kv_heads, group * q_len, k)
+        return ungroup_queries(torch.matmul(probs, values), heads)  # (batch, heads, q_len, head_dim)
     track = needs_grad(q, keys_t, values)
-    out = q.new_empty(batch, heads, seq_len, values.shape[-1])  # (batch, heads, seq_len, head_dim)
-    for start in range(0, seq_len, rows):
-        probs = torch.softmax(torch.matmul(q[:, :, start : start + rows], keys_t), dim=-1)  # (batch, heads, rows, k)
+    out = q.new_empty(batch, kv_heads, n_rows, values.shape[-1])  # (batch, kv_heads, group * q_len, head_dim)
+    for start in range(0, n_rows, rows):
+        scores = torch.matmul(q_rows[:, :, start : start + rows], keys_t)  # (batch, kv_heads, rows, k)
+        probs = torch.softmax(scores, dim=-1)  # (batch, kv_heads, rows, k)
         if track:
-            out[:, :, start : start + rows] = torch.matmul(probs, values)  # (batch, heads, rows, head_dim)
+            out[:, :, start : start + rows] = torch.matmul(probs, values)  # (batch, kv_heads, rows, head_dim)
         else:
-            torch.matmul(probs, values, out=out[:, :, start : start + rows])  # (batch, heads, rows, head_dim)
-    return out
+            torch.matmul(probs, values, out=out[:, :, start : start + rows])  # (batch, kv_heads, rows, head_dim)
+    return ungroup_queries(out, heads)  # (batch, heads, q_len, head_dim)
 
 
 @register("linformer")
@@ -123,9 +137,20 @@ class LinformerAttention(AttentionModule):
     memory_complexity = "O(n d)"
     exact = False
     supports_causal = False
+    supports_grouped_heads = True  # keys and values projected once per key/value head
+    supports_cross = True  # any number of queries over the projected keys (E and F span the keys' length)
 
-    def __init__(self, config: LinformerConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
-        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+    def __init__(
+        self,
+        config: LinformerConfig,
+        *,
+        seq_len: int,
+        heads: int,
+        head_dim: int,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
+    ) -> None:
+        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim, q_len=q_len, kv_heads=kv_heads)
         assert seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"
         self.k_eff = min(config.k, seq_len)
         dtype = torch.get_default_dtype()
@@ -137,10 +162,10 @@ class LinformerAttention(AttentionModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
         self.reject_causal(causal)
-        check_qkv(q, k, v)
-        if q.shape[2] != self.seq_len:
+        check_qkv(q, k, v, grouped=True, cross=True)
+        if k.shape[2] != self.seq_len:
             raise ValueError(
-                f"linformer module was built for seq_len={self.seq_len} but got seq_len={q.shape[2]}: "
+                f"linformer module was built for seq_len={self.seq_len} but got seq_len={k.shape[2]}: "
                 f"its projections are ({self.k_eff}, {self.seq_len}); build a module for this length"
             )
         proj_k = self.proj_k.to(dtype=q.dtype, device=q.device)  # no copy when they already match
@@ -164,17 +189,18 @@ class LinformerAttention(AttentionModule):
         return None
 
     @classmethod
-    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
-        k_eff = min(config.k, seq_len)
-        # E K and F V, then Q K'^T and P V': each k n d multiply-adds; the softmax's exp/sum/divide ~ 3 n k
-        per_head = 8.0 * k_eff * seq_len * head_dim + 3.0 * seq_len * k_eff
-        return batch * heads * per_head
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal, q_len=None, kv_heads=None):
+        k_eff, q_len, kv_heads = min(config.k, seq_len), q_len or seq_len, kv_heads or heads
+        # E K and F V per key/value head, each k n d multiply-adds; then Q K'^T and P V' per query head, each
+        # k q_len d; the softmax's exp/sum/divide ~ 3 q_len k
+        projections = 4.0 * k_eff * seq_len * head_dim
+        return batch * (kv_heads * projections + heads * (4.0 * k_eff * q_len * head_dim + 3.0 * q_len * k_eff))
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
-        k_eff = min(config.k, seq_len)
-        rows = min(seq_len, max(1, _SCORES_BLOCK // (batch * heads * k_eff)))
+    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, q_len=None):
+        k_eff, q_len = min(config.k, seq_len), q_len or seq_len
+        rows = min(q_len, max(1, _SCORES_BLOCK // (batch * heads * k_eff)))
         # projected keys (and their scaled copy) and values; a block's scores and probabilities; the output
-        elements = 3.0 * k_eff * head_dim + 2.0 * rows * k_eff + seq_len * head_dim
+        elements = 3.0 * k_eff * head_dim + 2.0 * rows * k_eff + q_len * head_dim
         # plus E and F cast to the input's dtype when the module's differs
         return batch * heads * elements * itemsize + 2.0 * k_eff * seq_len * itemsize

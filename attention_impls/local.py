@@ -27,8 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from attention_impls import blocks
-from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad
+from attention_impls.base import (
+    AttentionModule,
+    UnsupportedCase,
+    check_qkv,
+    choice_error,
+    group_queries,
+    int_error,
+    needs_grad,
+    ungroup_queries,
+)
+from attention_impls.decoding import DecodeCache
 from attention_impls.registry import register
+
+_MORE_QUERIES = "local aligns the queries with the last keys: it needs q_len <= seq_len"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,27 +64,36 @@ def auto_block_size(window: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-    """How a sequence is cut into query blocks and key windows."""
+    """How the queries are cut into blocks and the keys into windows.
 
-    seq_len: int  # n, the true length
-    window: int  # effective window (clamped to n - 1)
+    Query ``i`` sits at key position ``i + offset`` (offset = kv_len - q_len: the last query on the last key, as
+    for causal cross-attention; 0 for self-attention).
+    """
+
+    q_len: int  # the queries' true length
+    kv_len: int  # the keys' true length
+    offset: int  # kv_len - q_len >= 0
+    window: int  # effective window (clamped to kv_len - 1)
     block: int  # query block length
-    n_blocks: int  # ceil(n / block)
+    n_blocks: int  # ceil(q_len / block)
     ahead: int  # keys after the query block in its window: window, or 0 when causal
     span: int  # keys per query block: block + window + ahead
-    interior: tuple[int, int]  # [first, end) of the blocks whose queries and key windows lie inside [0, n)
+    interior: tuple[int, int]  # [first, end) of the blocks whose queries and key windows lie inside
     causal: bool
 
 
-def _geometry(config: LocalConfig, *, seq_len: int, causal: bool) -> _Geometry:
-    window = min(config.window, seq_len - 1)
-    block = min(config.block_size or auto_block_size(config.window), seq_len)
-    n_blocks = math.ceil(seq_len / block)
+def _geometry(config: LocalConfig, *, q_len: int, kv_len: int, causal: bool) -> _Geometry:
+    window = min(config.window, kv_len - 1)
+    block = min(config.block_size or auto_block_size(config.window), q_len)
+    n_blocks = math.ceil(q_len / block)
     ahead = 0 if causal else window
-    first = min(n_blocks, math.ceil(window / block))  # blocks before it reach back before position 0
-    end = max(0, (seq_len - block - ahead) // block + 1)  # blocks from it on reach past position n - 1
+    offset = kv_len - q_len
+    first = min(n_blocks, max(0, math.ceil((window - offset) / block)))  # blocks before reach back before key 0
+    end = max(0, (q_len - block - ahead) // block + 1)  # blocks from it on reach past the last key (or query)
     return _Geometry(
-        seq_len=seq_len,
+        q_len=q_len,
+        kv_len=kv_len,
+        offset=offset,
         window=window,
         block=block,
         n_blocks=n_blocks,
@@ -83,51 +104,54 @@ def _geometry(config: LocalConfig, *, seq_len: int, causal: bool) -> _Geometry:
     )
 
 
-def _band_keep(geo: _Geometry, edges: torch.Tensor | None) -> torch.Tensor:
-    """Which keys of a block's window each of its queries attends to.
+def _band_keep(geo: _Geometry, edges: torch.Tensor | None, *, group: int) -> torch.Tensor:
+    """Which keys of a block's window each of its query rows attends to (a group's heads' rows side by side).
 
-    ``edges`` None: the pattern shared by interior blocks, (block, span). Otherwise the query block
-    indices of edge blocks: (len(edges), 1, block, span), where keys outside [0, n) are dropped for
-    valid queries (padded queries keep them: their rows are discarded, and never empty).
+    ``edges`` None: the pattern shared by interior blocks, (group * block, span). Otherwise the query block
+    indices of edge blocks: (len(edges), 1, group * block, span), where keys outside [0, kv_len) are dropped
+    for valid queries (padded queries keep them: their rows are discarded, and never empty).
     """
     rows = torch.arange(geo.block).unsqueeze(1)  # (block, 1)
     cols = torch.arange(geo.span).unsqueeze(0)  # (1, span)
     delta = cols - geo.window - rows  # key position - query position, (block, span)
     keep = (delta >= -geo.window) & (delta <= (0 if geo.causal else geo.window))  # (block, span)
     if edges is None:
-        return keep
+        return keep.repeat(group, 1)  # (group * block, span)
     start = edges.view(-1, 1, 1) * geo.block  # (n_edge, 1, 1)
     query_pos = start + rows  # (n_edge, block, 1)
-    key_pos = start - geo.window + cols  # (n_edge, 1, span)
-    inside = (key_pos >= 0) & (key_pos < geo.seq_len)  # (n_edge, 1, span)
-    keep = keep & (inside | (query_pos >= geo.seq_len))  # (n_edge, block, span)
-    return keep.unsqueeze(1)  # (n_edge, 1, block, span)
+    key_pos = start + geo.offset - geo.window + cols  # (n_edge, 1, span)
+    inside = (key_pos >= 0) & (key_pos < geo.kv_len)  # (n_edge, 1, span)
+    keep = keep & (inside | (query_pos >= geo.q_len))  # (n_edge, block, span)
+    return keep.repeat(1, group, 1).unsqueeze(1)  # (n_edge, 1, group * block, span)
 
 
-def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
-    """Query blocks [start, stop): (stop - start, batch * heads, block, head_dim); a view unless padded."""
-    batch, heads, seq_len, head_dim = q.shape
-    rows = q[:, :, start * geo.block : min(seq_len, stop * geo.block)]  # (batch, heads, <= blocks*block, d)
-    rows = F.pad(rows, (0, 0, 0, max(0, stop * geo.block - seq_len)))  # (batch, heads, blocks*block, d)
-    rows = rows.reshape(batch * heads, stop - start, geo.block, head_dim)  # (batch*heads, blocks, block, d)
-    return rows.transpose(0, 1)  # (blocks, batch*heads, block, head_dim)
+def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int, *, kv_heads: int) -> torch.Tensor:
+    """Query blocks [start, stop): (stop - start, batch * kv_heads, group * block, head_dim), each key/value
+    head's group of query heads side by side; a view unless padded or grouped."""
+    batch, heads, q_len, head_dim = q.shape
+    group, blocks_ = heads // kv_heads, stop - start
+    rows = q[:, :, start * geo.block : min(q_len, stop * geo.block)]  # (batch, heads, <= blocks*block, d)
+    rows = F.pad(rows, (0, 0, 0, max(0, stop * geo.block - q_len)))  # (batch, heads, blocks*block, d)
+    rows = rows.reshape(batch, kv_heads, group, blocks_, geo.block, head_dim)  # (b, kv_heads, group, blocks, block, d)
+    rows = rows.permute(3, 0, 1, 2, 4, 5)  # (blocks, batch, kv_heads, group, block, head_dim)
+    return rows.reshape(blocks_, batch * kv_heads, group * geo.block, head_dim)  # (blocks, b*kv_heads, g*block, d)
 
 
 def _key_windows(x: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
-    """Key (or value) windows of blocks [start, stop): (stop - start, batch * heads, span, head_dim).
+    """Key (or value) windows of blocks [start, stop): (stop - start, batch * kv_heads, span, head_dim).
 
     Overlapping strided views of ``x`` (``unfold``): nothing is copied, except the short padded stretch
-    an edge block's window needs beyond either end of the sequence.
+    an edge block's window needs beyond either end of the keys.
     """
-    batch, heads, seq_len, head_dim = x.shape
-    lo = start * geo.block - geo.window  # position of the first key of the first window
-    hi = stop * geo.block + geo.ahead  # one past the last key of the last window
-    stretch = x[:, :, max(0, lo) : min(seq_len, hi)]  # (batch, heads, <= hi - lo, head_dim)
-    if lo < 0 or hi > seq_len:
-        stretch = F.pad(stretch, (0, 0, max(0, -lo), max(0, hi - seq_len)))  # (batch, heads, hi - lo, head_dim)
-    windows = stretch.unfold(2, geo.span, geo.block)  # (batch, heads, blocks, head_dim, span), a view
-    windows = windows.permute(2, 0, 1, 4, 3)  # (blocks, batch, heads, span, head_dim)
-    return windows.reshape(stop - start, batch * heads, geo.span, head_dim)  # (blocks, batch*heads, span, d)
+    batch, kv_heads, kv_len, head_dim = x.shape
+    lo = start * geo.block + geo.offset - geo.window  # position of the first key of the first window
+    hi = stop * geo.block + geo.offset + geo.ahead  # one past the last key of the last window
+    stretch = x[:, :, max(0, lo) : min(kv_len, hi)]  # (batch, kv_heads, <= hi - lo, head_dim)
+    if lo < 0 or hi > kv_len:
+        stretch = F.pad(stretch, (0, 0, max(0, -lo), max(0, hi - kv_len)))  # (batch, kv_heads, hi - lo, head_dim)
+    windows = stretch.unfold(2, geo.span, geo.block)  # (batch, kv_heads, blocks, head_dim, span), a view
+    windows = windows.permute(2, 0, 1, 4, 3)  # (blocks, batch, kv_heads, span, head_dim)
+    return windows.reshape(stop - start, batch * kv_heads, geo.span, head_dim)  # (blocks, b*kv_heads, span, d)
 
 
 @register("local")
@@ -141,33 +165,51 @@ class LocalAttention(AttentionModule):
     memory_complexity = "O(n w)"
     exact = False  # an approximation of full attention (exact for its own band mask)
     supports_causal = True
+    supports_grouped_heads = True  # a window of keys serves its group of query heads
+    supports_cross = True  # the queries aligned with the last keys (q_len <= seq_len)
+    supports_decode = True  # a ring of the last window + 1 keys and values: O(w) per step, whatever the context
+    decode_complexity = "O(w d)"  # a step's time and its cache's bytes
     config: LocalConfig
 
-    def __init__(self, config: LocalConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
-        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        # (seq_len, causal, device) -> (geometry, interior keep (block, span), edge keep (n_edge, 1, block, span))
-        self._masks: dict[tuple[int, bool, torch.device], tuple[_Geometry, torch.Tensor, torch.Tensor]] = {}
+    def __init__(
+        self,
+        config: LocalConfig,
+        *,
+        seq_len: int,
+        heads: int,
+        head_dim: int,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
+    ) -> None:
+        super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim, q_len=q_len, kv_heads=kv_heads)
+        # (q_len, kv_len, causal, group, device) -> (geometry, interior keep (group*block, span),
+        # edge keep (n_edge, 1, group*block, span))
+        self._masks: dict[tuple, tuple[_Geometry, torch.Tensor, torch.Tensor]] = {}
 
-    def _cached_masks(self, seq_len: int, causal: bool, device: torch.device):
-        key = (seq_len, causal, device)
+    def _cached_masks(self, q_len: int, kv_len: int, causal: bool, group: int, device: torch.device):
+        key = (q_len, kv_len, causal, group, device)
         if key not in self._masks:
-            geo = _geometry(self.config, seq_len=seq_len, causal=causal)
+            geo = _geometry(self.config, q_len=q_len, kv_len=kv_len, causal=causal)
             first, end = geo.interior
             edges = [b for b in range(geo.n_blocks) if not first <= b < end]
-            edge_keep = _band_keep(geo, torch.tensor(edges, dtype=torch.long))
-            self._masks[key] = (geo, _band_keep(geo, None).to(device), edge_keep.to(device))
+            edge_keep = _band_keep(geo, torch.tensor(edges, dtype=torch.long), group=group)
+            self._masks[key] = (geo, _band_keep(geo, None, group=group).to(device), edge_keep.to(device))
         return self._masks[key]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-        check_qkv(q, k, v)
-        batch, heads, seq_len, head_dim = q.shape
-        geo, interior_keep, edge_keep = self._cached_masks(seq_len, causal, q.device)
+        check_qkv(q, k, v, grouped=True, cross=True)
+        batch, heads, q_len, head_dim = q.shape
+        kv_heads, kv_len = k.shape[1], k.shape[2]
+        if q_len > kv_len:
+            raise UnsupportedCase(_MORE_QUERIES)
+        group = heads // kv_heads
+        geo, interior_keep, edge_keep = self._cached_masks(q_len, kv_len, causal, group, q.device)
         kernel = self.config.kernel
-        rows = batch * heads
+        rows = batch * kv_heads
         first, end = geo.interior
         if first < end:
             # edge blocks [0, first) and [end, n_blocks) have masks of their own; the interior goes in chunks
-            step = max(1, blocks.chunk_elements(q.device) // (rows * geo.block * head_dim))
+            step = max(1, blocks.chunk_elements(q.device) // (rows * group * geo.block * head_dim))
             ranges = [(0, first, edge_keep[:first])]
             ranges += [(start, min(start + step, end), interior_keep) for start in range(first, end, step)]
             ranges.append((end, geo.n_blocks, edge_keep[first:]))
@@ -176,23 +218,53 @@ class LocalAttention(AttentionModule):
         # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
         # gradient once per slice in backward); without it, each part is written straight into the output
         collect = needs_grad(q, k, v)
-        out = None if collect else q.new_empty(rows, geo.n_blocks, geo.block, head_dim)  # (b*h, nb, block, d)
+        out = None if collect else q.new_empty(rows, geo.n_blocks, group * geo.block, head_dim)  # (b*kvh, nb, g*blk, d)
         parts = []
         for start, stop, keep in ranges:
             if start < stop:
-                q_blocks = _query_blocks(q, geo, start, stop)  # (blocks, batch*heads, block, head_dim)
-                k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
-                v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*heads, span, head_dim)
-                part = blocks.attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*h, block, d)
+                q_blocks = _query_blocks(q, geo, start, stop, kv_heads=kv_heads)  # (blocks, b*kvh, g*block, d)
+                k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
+                v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
+                part = blocks.attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*kvh, g*blk, d)
                 if out is None:
                     parts.append(part)
                 else:
                     out.transpose(0, 1)[start:stop] = part
         if out is None:
-            out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (n_blocks, batch*heads, block, d)
-            out = out.transpose(0, 1)  # (batch*heads, n_blocks, block, head_dim)
-        out = out.reshape(batch, heads, geo.n_blocks * geo.block, head_dim)  # (batch, heads, padded_len, head_dim)
-        return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
+            out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (n_blocks, b*kv_heads, g*block, d)
+            out = out.transpose(0, 1)  # (batch*kv_heads, n_blocks, group*block, head_dim)
+        out = out.reshape(batch, kv_heads, geo.n_blocks, group, geo.block, head_dim)  # (b, kvh, nb, g, block, d)
+        out = out.transpose(2, 3).reshape(batch, heads, geo.n_blocks * geo.block, head_dim)  # (b, h, padded, d)
+        return out[:, :, :q_len]  # (batch, heads, q_len, head_dim)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, *, capacity: int) -> DecodeCache:
+        # a ring of window + 1 slots: position p in slot p % slots, the oldest overwritten by the newest
+        length = k.shape[2]
+        slots = min(self.config.window + 1, capacity)
+        keep = list(range(max(0, length - slots), length))
+        ring = {}
+        for name, x in (("k", k), ("v", v)):
+            buffer = x.new_zeros(*x.shape[:2], slots, x.shape[3])  # (batch, kv_heads, slots, head_dim)
+            buffer[:, :, [p % slots for p in keep]] = x[:, :, keep]
+            ring[name] = buffer
+        return DecodeCache(length=length, capacity=capacity, tensors=ring)
+
+    def decode_step(self, q, k, v, cache):
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+        keys, values = cache.tensors["k"], cache.tensors["v"]  # (batch, kv_heads, slots, head_dim)
+        slots = keys.shape[2]
+        slot = cache.length % slots  # the oldest token's slot: out of the new token's window
+        keys[:, :, slot : slot + 1] = k
+        values[:, :, slot : slot + 1] = v
+        held = min(cache.length + 1, slots)  # slots [0, held) hold the window (softmax ignores their order)
+        rows = group_queries(q, k.shape[1])  # (batch, kv_heads, group, head_dim)
+        out = blocks.attend(rows, keys[:, :, :held], values[:, :, :held], None, kernel=self.config.kernel)
+        return ungroup_queries(out, q.shape[1]), dataclasses.replace(cache, length=cache.length + 1)
+
+    @classmethod
+    def shape_problem(cls, config, *, q_len, seq_len, heads, kv_heads, causal, decode):
+        return _MORE_QUERIES if q_len > seq_len else None
 
     @classmethod
     def config_error(cls, config):
@@ -204,16 +276,19 @@ class LocalAttention(AttentionModule):
         )
 
     @classmethod
-    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
+    def flops(cls, config, *, batch, heads, seq_len, head_dim, causal, q_len=None):
         # Q K^T and P V over every block's whole key window (band corners, padding and edges included)
-        geo = _geometry(config, seq_len=seq_len, causal=causal)
+        geo = _geometry(config, q_len=q_len or seq_len, kv_len=seq_len, causal=causal)
         return 4.0 * batch * heads * geo.n_blocks * geo.block * geo.span * head_dim
 
     @classmethod
-    def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None):
+    def memory_bytes(
+        cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, device="cpu", dtype=None, q_len=None
+    ):
         # an upper bound over every chunk size (all blocks at once), so the device's chunk size does not enter;
-        # the device and dtype do where "sdpa" falls back to PyTorch's math path, which writes the scores out
-        geo = _geometry(config, seq_len=seq_len, causal=causal)
+        # the device and dtype do where "sdpa" falls back to PyTorch's math path, which writes the scores out;
+        # grouped heads need less (their windows are shared): this bounds them too
+        geo = _geometry(config, q_len=q_len or seq_len, kv_len=seq_len, causal=causal)
         rows = batch * heads
         padded = geo.n_blocks * geo.block
         # the block outputs and the output they are copied into (the windows are views; edges copy a little)
@@ -227,3 +302,11 @@ class LocalAttention(AttentionModule):
         else:
             total += scores / 4  # the fused kernel's per-thread tiles and its float copy of the mask, generously
         return float(total)
+
+    @classmethod
+    def decode_flops(cls, config, *, batch, heads, kv_heads, seq_len, head_dim):
+        return 4.0 * batch * heads * min(config.window + 1, seq_len) * head_dim  # the window's keys only
+
+    @classmethod
+    def cache_bytes(cls, config, *, batch, heads, kv_heads, seq_len, head_dim, itemsize):
+        return 2.0 * batch * kv_heads * min(config.window + 1, seq_len) * head_dim * itemsize  # the window

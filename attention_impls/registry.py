@@ -64,6 +64,9 @@ BUILTIN_SOURCE = "built-in"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # keywords of memory_bytes that an implementation may leave out of its signature (AttentionModule.memory_bytes)
 _OPTIONAL_ESTIMATE_KEYWORDS = frozenset({"device", "dtype"})
+# keywords of the constructor, flops and memory_bytes passed only for cases beyond self-attention with as many
+# key/value heads as query heads: classes that support none of those need not declare them
+_SHAPE_KEYWORDS = frozenset({"q_len", "kv_heads"})
 
 
 class RegistryError(Exception):
@@ -219,16 +222,26 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _beyond_self_attention(*, seq_len: int, heads: int, q_len: int | None, kv_heads: int | None) -> dict[str, int]:
+    """``q_len`` and ``kv_heads`` where they differ from self-attention's (seq_len, heads), else nothing."""
+    shape = {}
+    if q_len is not None and q_len != seq_len:
+        shape["q_len"] = q_len
+    if kv_heads is not None and kv_heads != heads:
+        shape["kv_heads"] = kv_heads
+    return shape
+
+
 @functools.cache
-def _estimate_keywords(cls: type[AttentionModule]) -> frozenset[str]:
-    """The optional keywords (device, dtype) that ``cls.memory_bytes`` declares, read once per class."""
+def _declared_keywords(method: Callable[..., Any], optional: frozenset[str]) -> frozenset[str]:
+    """Which of the ``optional`` keywords a class's estimate (``flops``, ``memory_bytes``) declares."""
     try:
-        parameters = inspect.signature(cls.memory_bytes).parameters
+        parameters = inspect.signature(method).parameters
     except (TypeError, ValueError):  # no signature to read (a builtin or C callable): pass none of them
         return frozenset()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return _OPTIONAL_ESTIMATE_KEYWORDS
-    return _OPTIONAL_ESTIMATE_KEYWORDS & parameters.keys()
+        return optional
+    return optional & parameters.keys()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +283,18 @@ class ImplSpec:
     def shared_qk(self) -> bool:
         return self.module_cls.shared_qk
 
+    @property
+    def supports_grouped_heads(self) -> bool:
+        return self.module_cls.supports_grouped_heads
+
+    @property
+    def supports_cross(self) -> bool:
+        return self.module_cls.supports_cross
+
+    @property
+    def supports_decode(self) -> bool:
+        return self.module_cls.supports_decode
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
@@ -304,24 +329,92 @@ class ImplSpec:
         seq_len: int,
         heads: int,
         head_dim: int,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> AttentionModule:
-        """The module for these shapes, on this device and dtype."""
-        module = self.module_cls(self.config, seq_len=seq_len, heads=heads, head_dim=head_dim)
+        """The module for these shapes, on this device and dtype (``seq_len``: the key/value length).
+
+        ``q_len`` and ``kv_heads`` reach the constructor only when they differ from self-attention's, so a
+        class written before them builds as it did for every case it supports.
+        """
+        shape = _beyond_self_attention(seq_len=seq_len, heads=heads, q_len=q_len, kv_heads=kv_heads)
+        module = self.module_cls(self.config, seq_len=seq_len, heads=heads, head_dim=head_dim, **shape)
         return module.to(device=device, dtype=dtype)
 
     def unsupported_reason(
-        self, *, seq_len: int, head_dim: int, causal: bool, device: str = "cpu", dtype: torch.dtype = torch.float32
+        self,
+        *,
+        seq_len: int,
+        head_dim: int,
+        causal: bool,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        heads: int | None = None,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
+        decode: bool = False,
     ) -> str | None:
-        return self.module_cls.unsupported_reason(
+        """None when the case can run; otherwise one line saying why not (the case is skipped with it).
+
+        Beyond the class's own ``unsupported_reason``: grouped heads, cross lengths and decoding need the
+        class to declare them (and its ``shape_problem`` to accept the shapes); a causal case with more
+        queries than keys is refused for every implementation (its first queries would see no key).
+        """
+        cls, name = self.module_cls, self.name
+        q_len = seq_len if q_len is None else q_len
+        heads = heads if heads is not None else (kv_heads or 1)
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads:
+            return f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})"
+        if causal and q_len > seq_len:
+            return (
+                f"causal attention needs q_len <= seq_len (the first queries would see no key), got {q_len} > {seq_len}"
+            )
+        wanted = [
+            (kv_heads != heads, cls.supports_grouped_heads, "grouped key/value heads (kv_heads < heads)"),
+            (q_len != seq_len, cls.supports_cross, "queries and keys of different lengths (cross-attention)"),
+            (decode, cls.supports_decode, "decoding"),
+        ]
+        for needed, supported, what in wanted:
+            if needed and not supported:
+                return f"{name} does not support {what}"
+        if decode and not causal:
+            return "decoding is causal: a new token sees only the tokens before it"
+        reason = cls.unsupported_reason(
             self.config, seq_len=seq_len, head_dim=head_dim, causal=causal, device=str(device), dtype=dtype
         )
+        if reason is None and (kv_heads != heads or q_len != seq_len or decode):
+            reason = cls.shape_problem(
+                self.config, q_len=q_len, seq_len=seq_len, heads=heads, kv_heads=kv_heads, causal=causal, decode=decode
+            )
+        return reason
 
-    def flops(self, *, batch: int, heads: int, seq_len: int, head_dim: int, causal: bool = False) -> float:
+    def flops(
+        self,
+        *,
+        batch: int,
+        heads: int,
+        seq_len: int,
+        head_dim: int,
+        causal: bool = False,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
+    ) -> float:
+        """FLOPs of one forward; ``q_len`` and ``kv_heads`` reach the class's ``flops`` when they differ from
+        self-attention's (it declares them when it supports such cases)."""
+        shape = _beyond_self_attention(seq_len=seq_len, heads=heads, q_len=q_len, kv_heads=kv_heads)
+        accepted = _declared_keywords(self.module_cls.flops, _SHAPE_KEYWORDS)
         return float(
             self.module_cls.flops(
-                self.config, batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal
+                self.config,
+                batch=batch,
+                heads=heads,
+                seq_len=seq_len,
+                head_dim=head_dim,
+                causal=causal,
+                **{key: value for key, value in shape.items() if key in accepted},
             )
         )
 
@@ -336,14 +429,18 @@ class ImplSpec:
         causal: bool = False,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        q_len: int | None = None,
+        kv_heads: int | None = None,
     ) -> float:
         """The class's estimate; ``device`` ("cuda:1" or a torch.device is fine) reaches it as its type, ``dtype``
-        as its name ("float16"), each only if its ``memory_bytes`` declares it."""
+        as its name ("float16"), each only if its ``memory_bytes`` declares it; ``q_len`` and ``kv_heads`` as
+        ``flops`` passes them."""
         optional = {
             "device": torch.device(device).type,
             "dtype": str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype,
+            **_beyond_self_attention(seq_len=seq_len, heads=heads, q_len=q_len, kv_heads=kv_heads),
         }
-        accepted = _estimate_keywords(self.module_cls)
+        accepted = _declared_keywords(self.module_cls.memory_bytes, _OPTIONAL_ESTIMATE_KEYWORDS | _SHAPE_KEYWORDS)
         return float(
             self.module_cls.memory_bytes(
                 self.config,
@@ -357,6 +454,34 @@ class ImplSpec:
             )
         )
 
+    def decode_flops(self, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int) -> float | None:
+        """FLOPs of one decode step against ``seq_len`` tokens; None when the class does not count them."""
+        try:
+            value = self.module_cls.decode_flops(
+                self.config, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim
+            )
+        except NotImplementedError:
+            return None
+        return float(value)
+
+    def cache_bytes(
+        self, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, itemsize: int
+    ) -> float | None:
+        """The estimated bytes of the decoding cache at ``seq_len`` tokens; None when the class gives none."""
+        try:
+            value = self.module_cls.cache_bytes(
+                self.config,
+                batch=batch,
+                heads=heads,
+                kv_heads=kv_heads,
+                seq_len=seq_len,
+                head_dim=head_dim,
+                itemsize=itemsize,
+            )
+        except NotImplementedError:
+            return None
+        return float(value)
+
     def describe(self) -> dict[str, Any]:
         """Metadata as plain values (for ``attnbench list --json``)."""
         return {
@@ -367,6 +492,10 @@ class ImplSpec:
             "memory_complexity": self.memory_complexity,
             "exact": self.exact,
             "causal": self.supports_causal,
+            "grouped_heads": self.supports_grouped_heads,
+            "cross": self.supports_cross,
+            "decode": self.supports_decode,
+            "decode_complexity": self.module_cls.decode_complexity,
             "source": self.source,
             "params": self.params(),
         }

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-MODES = ("fwd", "fwd+bwd")
+# "decode": one new token's output against a cache of seq_len tokens (causal by nature; built untimed)
+MODES = ("fwd", "fwd+bwd", "decode")
 SCOPES = ("attention", "layers")
 RESIDUALS = ("standard", "reversible", "checkpoint")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -47,7 +48,9 @@ class Case:
     batch: int = 1
     heads: int = 8
     head_dim: int = 64
-    causal: bool = False
+    kv_heads: int = 0  # key/value heads, a divisor of heads; 0: as many as heads (a value equal to heads is 0)
+    q_len: int = 0  # the queries' length; 0: seq_len's (self-attention); seq_len is the keys' (the context)
+    causal: bool = False  # always True for decode
     scope: str = "attention"  # "attention": the kernel alone; "layers": a stack of transformer layers
     depth: int = 1  # layers in the stack (1 for the attention scope)
     residual: str = "standard"  # one of RESIDUALS (layers scope only)
@@ -62,14 +65,37 @@ class Case:
             raise GridError(f"unknown residual {self.residual!r} (choose from {', '.join(RESIDUALS)})")
         if self.dtype not in DTYPES:
             raise GridError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
-        for name in ("seq_len", "batch", "heads", "head_dim", "depth"):
+        for name in ("seq_len", "batch", "heads", "head_dim", "depth", "kv_heads", "q_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GridError(f"{name} must be a positive integer, got {value!r}")
+            low = 0 if name in ("kv_heads", "q_len") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise GridError(f"{name} must be a {'non-negative' if low == 0 else 'positive'} integer, got {value!r}")
+        if self.heads % self.key_value_heads:
+            raise GridError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.kv_heads == self.heads:
+            object.__setattr__(self, "kv_heads", 0)  # one name for one shape
+        if self.mode == "decode":
+            if self.q_len:
+                raise GridError("a decode step has one query: it takes no q_len")
+            object.__setattr__(self, "causal", True)  # a new token sees only the tokens before it
+        if self.scope == "layers" and (self.kv_heads or self.q_len or self.mode == "decode"):
+            raise GridError(
+                "the layer scope measures self-attention training and inference (no kv_heads, q_len, decode)"
+            )
 
     @property
     def itemsize(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def key_value_heads(self) -> int:
+        """The key/value heads (``kv_heads`` resolved)."""
+        return self.kv_heads or self.heads
+
+    @property
+    def query_len(self) -> int:
+        """The queries' length (``q_len`` resolved; a decode step's one query is its mode's, not this)."""
+        return self.q_len or self.seq_len
 
     @property
     def d_model(self) -> int:
@@ -102,6 +128,10 @@ class Case:
         parts = [self.impl, f"n={self.seq_len}", self.mode, self.device, self.dtype]
         if self.causal:
             parts.append("causal")
+        if self.kv_heads:
+            parts.append(f"kv_heads={self.kv_heads}")
+        if self.q_len:
+            parts.append(f"q_len={self.q_len}")
         if self.scope == "layers":
             parts.append(f"{self.residual}x{self.depth}")
         return " ".join(parts)
@@ -167,6 +197,22 @@ def _parse_range(part: str) -> list[int]:
     return values
 
 
+def parse_counts(text: str, *, what: str, same: str) -> list[int]:
+    """``"8,2,1"`` -> [8, 2, 1]; the word ``same`` is 0 (``same``: what it means for this flag)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GridError(f"{what} is empty")
+    values = []
+    for item in items:
+        value = (
+            0 if item == "same" else parse_int(item, what=f"an item of {what} (a positive integer or 'same': {same})")
+        )
+        if value < 0 or (value == 0 and item != "same"):
+            raise GridError(f"{what} must be positive integers or 'same' ({same}), got {item!r}")
+        values.append(value)
+    return list(dict.fromkeys(values))
+
+
 def parse_list(text: str, *, allowed: Iterable[str], what: str) -> list[str]:
     allowed = tuple(allowed)
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -221,6 +267,8 @@ class GridRequest:
     params: tuple[tuple[str, str, str], ...] = ()  # (impl, hyperparameter, value as typed) overrides
     devices: tuple[str, ...] | None = None  # None: the default device
     residuals: tuple[str, ...] | None = None  # None: each implementation's own default
+    kv_heads: tuple[int, ...] = (0,)  # key/value heads (0: as many as heads)
+    q_lens: tuple[int, ...] = (0,)  # query lengths (0: self-attention)
 
     def overrides(self) -> dict[str, dict[str, str]]:
         """``{"linformer": {"k": "128"}}``: the --param overrides by implementation."""
@@ -244,14 +292,21 @@ def expand_grid(
     scope: str,
     depths: Iterable[int] = (1,),
     residuals: Iterable[str] = ("standard",),
+    kv_heads: Iterable[int] = (0,),
+    q_lens: Iterable[int] = (0,),
 ) -> list[Case]:
-    """Every combination, ordered so each curve runs from short to long (the runner may stop a curve early)."""
+    """Every combination, ordered so each curve runs from short to long (the runner may stop a curve early).
+
+    A decode step has one query: decode cases are made once, for self-attention's q_len (0) only.
+    """
     if scope == "attention":
         depths, residuals = (1,), ("standard",)
     cases = []
-    for device, dtype, (impl, params), mode, depth, residual, seq_len in itertools.product(
-        devices, dtypes, impls.items(), modes, depths, residuals, sorted(seq_lens)
+    for device, dtype, (impl, params), mode, kv, q_len, depth, residual, seq_len in itertools.product(
+        devices, dtypes, impls.items(), modes, kv_heads, q_lens, depths, residuals, sorted(seq_lens)
     ):
+        if mode == "decode" and q_len:
+            continue
         cases.append(
             Case(
                 impl=impl,
@@ -262,6 +317,8 @@ def expand_grid(
                 batch=batch,
                 heads=heads,
                 head_dim=head_dim,
+                kv_heads=kv,
+                q_len=q_len,
                 causal=causal,
                 scope=scope,
                 depth=depth,

@@ -17,7 +17,7 @@ import dataclasses
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ ENV_IDENTITY_FIELDS = (
     "flop_convention",
     "allocator",
 )
+# what an implementation declares it runs beyond non-causal self-attention (``impl_info``), in words
+SUPPORT_WORDS = {"causal": "causal", "grouped_heads": "GQA", "cross": "cross", "decode": "decode"}
 # a longer line is no record of ours: it is reported and skipped without being held in memory
 MAX_LINE_BYTES = 16 * 2**20
 _SKIP_CHUNK_BYTES = 2**20
@@ -86,6 +88,7 @@ RECORD_FIELDS = (
     Field("rss_peak_bytes", "number", "process RSS high-water mark during the call"),
     Field("rss_before_bytes", "number", "process RSS before the call", in_tables=False),
     Field("memory_method", "text", "how peak_bytes was measured"),
+    Field("cache_bytes", "number", "decode: bytes of the cache a step reads (keys and values, a window, a state)"),
     Field("sdpa_backend", "text", "the scaled_dot_product_attention backends the call ran (flash, math, ...)"),
     Field("flops", "number", "floating-point operations of one call"),
     Field("achieved_flops_per_s", "number", "flops / median_s"),
@@ -273,3 +276,11 @@ def summarize_problems(problems: Iterable[object], *, limit: int = 10) -> list[s
     if len(items) > limit:
         lines.append(f"warning: {len(items) - limit} more lines skipped")
     return lines
+
+
+def supports_text(info: Mapping[str, Any]) -> str | None:
+    """``"causal, GQA, cross, decode"`` from an implementation's metadata (``ImplSpec.describe()``, a record's
+    ``impl_info``); None for metadata from before the shapes beyond self-attention were declared."""
+    if "decode" not in info:
+        return None
+    return ", ".join(word for key, word in SUPPORT_WORDS.items() if info.get(key)) or "–"

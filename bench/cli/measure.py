@@ -11,7 +11,7 @@ from pathlib import Path
 from bench import cases as grid
 from bench.cli.common import HelpWithDefaults, UsageError, warn
 from bench.options import MeasureOptions, OptionsError, SweepOptions, cli_fields
-from bench.results import ResultsError
+from bench.results import ResultsError, supports_text
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -28,7 +28,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
-    header = ("name", "family", "time", "memory", "kind", "causal", "source")
+    header = ("name", "family", "time", "memory", "kind", "supports", "source")
     table = [
         (
             row["name"],
@@ -36,7 +36,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             row["time_complexity"],
             row["memory_complexity"],
             "exact" if row["exact"] else "approximate",
-            "yes" if row["causal"] else "no",
+            supports_text(row),
             row["source"],
         )
         for row in rows
@@ -55,13 +55,25 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
     depths = tuple(grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip())
     if not depths or min(depths) < 1:
         raise grid.GridError(f"--depths must be positive integers, got {args.depths!r}")
+    kv_heads = tuple(grid.parse_counts(args.kv_heads, what="--kv-heads", same="as many as --heads"))
+    for count in kv_heads:
+        if count and args.heads % count:
+            raise grid.GridError(f"--kv-heads must divide --heads ({args.heads}), got {count}")
+    q_lens = tuple(grid.parse_counts(args.q_lens, what="--q-lens", same="self-attention"))
+    if args.scope == "layers" and (any(kv_heads) or any(q_lens)):
+        raise grid.GridError("--kv-heads and --q-lens are for --scope attention (the layer stack is self-attention)")
+    modes = tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode"))
+    if args.scope == "layers" and "decode" in modes:
+        raise grid.GridError("--modes decode is for --scope attention")
+    if "decode" in modes and any(q_lens):
+        raise grid.GridError("--modes decode has one query per step against seq_len tokens: it takes no --q-lens")
     return grid.GridRequest(
         impls=grid.parse_impls(args.impls),
         seq_lens=tuple(grid.parse_seq_lens(args.seq_lens)),
         dtypes=tuple(grid.parse_list(args.dtypes, allowed=grid.DTYPES, what="dtype"))
         if args.dtypes is not None
         else None,
-        modes=tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode")),
+        modes=modes,
         batch=args.batch,
         heads=args.heads,
         head_dim=args.head_dim,
@@ -73,6 +85,8 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
         residuals=(
             tuple(grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual")) if args.residual else None
         ),
+        kv_heads=kv_heads,
+        q_lens=q_lens,
     )
 
 
@@ -141,10 +155,27 @@ def add_run_parser(sub) -> None:
     )
     p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda, else mps, else cpu)")
     p.add_argument("--dtypes", help=grid.DTYPES_HELP)
-    p.add_argument("--modes", default="fwd,fwd+bwd", help=f"comma-separated, from {', '.join(grid.MODES)}")
+    p.add_argument(
+        "--modes",
+        default="fwd,fwd+bwd",
+        help=f"comma-separated, from {', '.join(grid.MODES)} (decode: one new token against a cache of seq_len "
+        "tokens, always causal)",
+    )
     p.add_argument("--batch", type=int, default=grid.Case.batch, help="batch size")
     p.add_argument("--heads", type=int, default=grid.Case.heads, help="attention heads")
     p.add_argument("--head-dim", type=int, default=grid.Case.head_dim, help="dimension of each head")
+    p.add_argument(
+        "--kv-heads",
+        default="same",
+        help="key/value heads, comma-separated divisors of --heads (grouped-query attention; 1: multi-query); "
+        "same: as many as --heads",
+    )
+    p.add_argument(
+        "--q-lens",
+        default="same",
+        help="query lengths, comma-separated (cross-attention: the queries attend to --seq-lens keys); "
+        "same: self-attention",
+    )
     p.add_argument("--causal", action="store_true", help="causal masking")
     p.add_argument("--scope", choices=grid.SCOPES, default="attention", help="the kernel alone, or a layer stack")
     p.add_argument("--depths", default="1", help="layer-stack depths, comma-separated (--scope layers)")

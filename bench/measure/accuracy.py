@@ -17,19 +17,25 @@ PEAKED_SCORE_STD = 4.0  # peaked inputs: q and k scaled so that the attention sc
 def exact_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, shared_qk: bool
 ) -> torch.Tensor:
-    """Exact attention in float64 on the CPU, computed a block of queries at a time (memory chunk x n)."""
+    """Exact attention in float64 on the CPU, computed a block of queries at a time (memory chunk x n).
+
+    q (batch, heads, q_len, d), k and v (batch, kv_heads, kv_len, d): query head h reads key/value head
+    h // (heads // kv_heads); causal, query i sees key j when j <= i + kv_len - q_len.
+    """
     q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (batch, heads, kv_len, d)
     if shared_qk:
         k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    seq_len = q.shape[2]
+    q_len, kv_len = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    key_pos = torch.arange(seq_len)
-    out = torch.empty_like(v)
-    for start in range(0, seq_len, ERROR_QUERY_CHUNK):
-        stop = min(seq_len, start + ERROR_QUERY_CHUNK)
-        scores = torch.matmul(q[:, :, start:stop], k.transpose(-2, -1)) * scale  # (batch, heads, chunk, seq_len)
-        query_pos = torch.arange(start, stop).unsqueeze(1)
-        allowed = key_pos.unsqueeze(0) <= query_pos if causal else torch.ones(stop - start, seq_len, dtype=torch.bool)
+    key_pos = torch.arange(kv_len)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])  # (batch, heads, q_len, head_dim)
+    for start in range(0, q_len, ERROR_QUERY_CHUNK):
+        stop = min(q_len, start + ERROR_QUERY_CHUNK)
+        scores = torch.matmul(q[:, :, start:stop], k.transpose(-2, -1)) * scale  # (batch, heads, chunk, kv_len)
+        query_pos = torch.arange(start, stop).unsqueeze(1) + (kv_len - q_len)  # each query's own key position
+        allowed = key_pos.unsqueeze(0) <= query_pos if causal else torch.ones(stop - start, kv_len, dtype=torch.bool)
         if shared_qk:
             others = allowed & (key_pos.unsqueeze(0) != query_pos)
             allowed = torch.where(others.any(dim=-1, keepdim=True), others, allowed)

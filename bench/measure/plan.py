@@ -101,6 +101,8 @@ def plan_cases(request: GridRequest) -> list[Case]:
             scope=request.scope,
             depths=request.depths,
             residuals=residuals,
+            kv_heads=request.kv_heads,
+            q_lens=request.q_lens,
         )
     return cases
 
@@ -114,6 +116,10 @@ def unsupported_reason(case: Case) -> str | None:
         causal=case.causal,
         device=case.device,
         dtype=TORCH_DTYPES[case.dtype],
+        heads=case.heads,
+        q_len=case.query_len,
+        kv_heads=case.key_value_heads,
+        decode=case.mode == "decode",
     )
 
 
@@ -146,8 +152,22 @@ def estimate_bytes(case: Case) -> float:
         causal=case.causal,
         device=case.device,
         dtype=case.dtype,
+        q_len=1 if case.mode == "decode" else case.query_len,  # a decode step: the new token's query
+        kv_heads=case.key_value_heads,
     )
-    inputs = 3 * case.batch * case.seq_len * case.d_model * case.itemsize
+    keys_and_values = 2 * case.batch * case.key_value_heads * case.seq_len * case.head_dim * case.itemsize
+    inputs = case.batch * case.heads * case.query_len * case.head_dim * case.itemsize + keys_and_values
+    if case.mode == "decode":
+        # the keys and values the cache is filled from, the cache (its estimate, else a KV cache's), one step
+        cache = spec.cache_bytes(
+            batch=case.batch,
+            heads=case.heads,
+            kv_heads=case.key_value_heads,
+            seq_len=case.seq_len,
+            head_dim=case.head_dim,
+            itemsize=case.itemsize,
+        )
+        return inputs + (keys_and_values if cache is None else cache) + attention
     if case.mode == "fwd+bwd":
         return BACKWARD_MEMORY_FACTOR * attention + 2 * inputs
     return attention + inputs

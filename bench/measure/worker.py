@@ -109,13 +109,45 @@ def layer_stack_flops(spec, case: Case) -> float:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     fn: Callable[[], object]  # one call of the case
-    flops: float  # FLOPs of one call (FLOP_CONVENTION)
+    flops: float | None  # FLOPs of one call (FLOP_CONVENTION); None when the implementation does not count them
     errors: Callable[[], dict[str, float]] | None  # the approximation error against float64, or None
     reset: Callable[[], None]  # drops what a call leaves for the next to free (the gradients)
+    cache_bytes: int | None = None  # decode: the bytes of the cache the step reads (after the step)
 
 
 def _no_reset() -> None:
     return None
+
+
+def _prepare_decode(spec, module, case: Case, dtype: torch.dtype) -> Prepared:
+    """A decode step: the cache filled with seq_len - 1 tokens (untimed), then one new token's step, timed.
+
+    The step is called again and again with the same cache and token (``decode_step``'s contract: the same
+    output each time); the recorded cache is the one holding all seq_len tokens.
+    """
+    module.requires_grad_(False)
+    kv_shape = (case.batch, case.key_value_heads, case.seq_len, case.head_dim)
+    q = torch.randn(case.batch, case.heads, 1, case.head_dim, device=case.device, dtype=dtype)
+    k, v = (torch.randn(kv_shape, device=case.device, dtype=dtype) for _ in range(2))
+    before = case.seq_len - 1
+    with torch.no_grad():
+        cache = module.prefill(k[:, :, :before], v[:, :, :before], capacity=case.seq_len)
+        k_new, v_new = k[:, :, before:].clone(), v[:, :, before:].clone()  # (batch, kv_heads, 1, head_dim)
+        del k, v  # the cache holds what the step needs
+        cache_bytes = module.decode_step(q, k_new, v_new, cache)[1].nbytes()
+
+    def step():
+        with torch.no_grad():
+            return module.decode_step(q, k_new, v_new, cache)[0]
+
+    flops = spec.decode_flops(
+        batch=case.batch,
+        heads=case.heads,
+        kv_heads=case.key_value_heads,
+        seq_len=case.seq_len,
+        head_dim=case.head_dim,
+    )
+    return Prepared(step, flops, None, _no_reset, cache_bytes=cache_bytes)
 
 
 def prepare(case: Case, *, seed: int) -> Prepared:
@@ -137,12 +169,27 @@ def prepare(case: Case, *, seed: int) -> Prepared:
 
     else:
         module = spec.build(
-            seq_len=case.seq_len, heads=case.heads, head_dim=case.head_dim, device=case.device, dtype=dtype
+            seq_len=case.seq_len,
+            heads=case.heads,
+            head_dim=case.head_dim,
+            q_len=case.query_len,
+            kv_heads=case.key_value_heads,
+            device=case.device,
+            dtype=dtype,
         )
-        shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-        inputs = [torch.randn(shape, device=case.device, dtype=dtype) for _ in range(3)]
+        if case.mode == "decode":
+            return _prepare_decode(spec, module, case, dtype)
+        q_shape = (case.batch, case.heads, case.query_len, case.head_dim)
+        kv_shape = (case.batch, case.key_value_heads, case.seq_len, case.head_dim)
+        inputs = [torch.randn(shape, device=case.device, dtype=dtype) for shape in (q_shape, kv_shape, kv_shape)]
         flops = spec.flops(
-            batch=case.batch, heads=case.heads, seq_len=case.seq_len, head_dim=case.head_dim, causal=case.causal
+            batch=case.batch,
+            heads=case.heads,
+            seq_len=case.seq_len,
+            head_dim=case.head_dim,
+            causal=case.causal,
+            q_len=case.query_len,
+            kv_heads=case.key_value_heads,
         )
 
         def forward():
@@ -210,6 +257,7 @@ def run_case(
             flush_cache=options.flush_cache,
         )
         peak_flops = peak_flops_per_s
+        counted = flops is not None and stats.median_s > 0  # a decode step's may not be counted
         result.update(
             median_s=stats.median_s,
             iqr_s=stats.iqr_s,
@@ -222,9 +270,11 @@ def run_case(
             noisy=stats.noisy,
             measured_s=stats.measured_s,
             flops=flops,
-            achieved_flops_per_s=flops / stats.median_s if stats.median_s > 0 else None,
-            roofline=(flops / stats.median_s / peak_flops) if peak_flops and stats.median_s > 0 else None,
+            achieved_flops_per_s=flops / stats.median_s if counted else None,
+            roofline=(flops / stats.median_s / peak_flops) if counted and peak_flops else None,
         )
+        if prepared.cache_bytes is not None:
+            result["cache_bytes"] = prepared.cache_bytes
         if process == 0:
             memory = measure_peak(prepared.fn, device=case.device, reset=prepared.reset)
             result.update(

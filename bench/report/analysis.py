@@ -21,7 +21,15 @@ from bench.report.defaults import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_MIN_FIT_SEQ_LEN,
 )
-from bench.report.load import CURVE_COLUMNS, PEER_COLUMNS, STATUS_LABELS, Results, iter_curves, ok_rows
+from bench.report.load import (
+    CURVE_COLUMNS,
+    PEER_COLUMNS,
+    STATUS_LABELS,
+    Results,
+    iter_curves,
+    memory_column,
+    ok_rows,
+)
 from bench.report.stats import PowerFit, fit_power_law
 
 MAX_EXTRAPOLATION = 32  # a memory fit is not trusted beyond this multiple of the longest measured length
@@ -95,9 +103,10 @@ def exponent_table(
         ok = ok_rows(curve)
         ok = ok[(ok["seq_len"] >= min_seq_len) & ((ok["seq_len"] <= max_seq_len) if max_seq_len else True)]
         row = {**_curve_dict(key), "label": curve["label"].iloc[0]}
+        memory = memory_column(row["mode"])  # a decode step's: its cache
         for prefix, column, complexity_column in (
             ("time", "median_s", "time_complexity"),
-            ("memory", "peak_bytes", "memory_complexity"),
+            ("memory", memory, "memory_complexity"),
         ):
             valid = ok[ok[column] > 0]
             fit = fit_power_law(valid["seq_len"].tolist(), valid[column].tolist(), confidence=confidence)
@@ -291,6 +300,17 @@ def layers_table(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def grouped_heads_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The attention cases of setups measured with more than one number of key/value heads at a length: time and
+    memory (a decode step's: its cache) by ``kv_heads``, all statuses."""
+    rows = frame[frame["scope"] == "attention"]
+    keys = [*(c for c in CURVE_COLUMNS if c != "kv_heads"), "seq_len"]
+    varied = rows.groupby(keys, sort=False)["kv_heads"].transform("nunique") > 1
+    table = rows[varied].assign(memory_bytes=lambda f: [r[memory_column(r["mode"])] for r in f.to_dict("records")])
+    columns = [*CURVE_COLUMNS, "label", "seq_len", "status", "median_s", "memory_bytes"]
+    return table[columns].sort_values([*keys, "kv_heads"], ascending=[True] * len(keys) + [False], kind="stable")
+
+
 # ---------------------------------------------------------------- memory budget
 
 
@@ -358,6 +378,7 @@ class Analysis:
     errors: pd.DataFrame
     backward_ratio: pd.DataFrame
     layers: pd.DataFrame
+    grouped_heads: pd.DataFrame
     stops: pd.DataFrame
     min_fit_seq_len: int
     max_fit_seq_len: int | None
@@ -391,6 +412,7 @@ def analyze(
         errors=error_table(frame),
         backward_ratio=backward_ratio_table(frame),
         layers=layers_table(frame),
+        grouped_heads=grouped_heads_table(frame),
         stops=stop_points(frame),
         min_fit_seq_len=min_fit_seq_len,
         max_fit_seq_len=max_fit_seq_len,

@@ -61,6 +61,17 @@ def by_length_sections(an: Analysis) -> list[str]:
             _by_length_table(attention, value="peak_bytes", scale=MIB),
         ),
     ]
+    decode = attention[attention["mode"] == "decode"]
+    if not decode.empty:
+        lines += [
+            "",
+            *_section(
+                "Decode cache by length (MiB)",
+                "Bytes of the cache a decode step reads with a context of n tokens: every key and value for "
+                "softmax attention, the window for sliding windows, the running state for linear attention.",
+                _by_length_table(decode, value="cache_bytes", scale=MIB),
+            ),
+        ]
     for baseline in an.baselines:
         column = f"speedup_vs_{baseline}"
         if column not in an.speedups or an.speedups[column].notna().sum() == 0:
@@ -111,6 +122,37 @@ def layers_section(an: Analysis) -> list[str]:
         "about 12·d² weights per layer (four projections and a feed-forward of width 4d; d = heads × head_dim: "
         "12 MB per layer in float32 at d = 512), "
         "so a reversible stack is flattest where activations dominate, at long sequences.",
+        markdown_table(headers, rows),
+    )
+
+
+def grouped_heads_section(an: Analysis) -> list[str]:
+    table = an.grouped_heads
+    if table.empty:
+        return []
+    counts = sorted(table["kv_heads"].unique(), reverse=True)
+    name_columns = [c for c in curve_name_columns(table) if c != "kv_heads"]
+    headers = [*(COLUMN_HEADERS[c] for c in name_columns), "n", *(f"{k} kv heads" for k in counts)]
+    rows = []
+    group_columns = [*(c for c in CURVE_COLUMNS if c != "kv_heads"), "seq_len"]
+    for _, group in table.groupby(group_columns, sort=True):
+        first = group.iloc[0].to_dict()
+        by_count = {row["kv_heads"]: row for row in group.to_dict("records")}
+        cells = [cell_text(first, c) for c in name_columns] + [str(first["seq_len"])]
+        for count in counts:
+            row = by_count.get(count)
+            if row is None:
+                cells.append("")
+            elif row["status"] != "ok":
+                cells.append(STATUS_LABELS[row["status"]])
+            else:
+                cells.append(f"{fmt_sig(row['median_s'] * 1e3)} ms / {fmt_sig(row['memory_bytes'] / MIB)} MiB")
+        rows.append(cells)
+    return _section(
+        "Grouped key/value heads",
+        "Median time and memory of one call with fewer key/value heads than query heads (grouped-query "
+        "attention; 1: multi-query), at the same length: peak memory above the inputs for fwd and fwd+bwd, the "
+        "cache's bytes for decode (the inputs, keys and values included, shrink with the key/value heads too).",
         markdown_table(headers, rows),
     )
 

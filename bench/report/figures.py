@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from bench.report.formatting import MIB
-from bench.report.load import ok_rows
+from bench.report.load import MEMORY_COLUMNS, ok_rows
 from bench.report.plot_style import (
     FigureInfo,
     failure_handle,
@@ -45,6 +45,12 @@ class CurveSpec:
     log_y: bool
     references: bool
     caption: str
+    # a mode whose panel shows another column: mode -> (column, y label)
+    mode_columns: tuple[tuple[str, tuple[str, str]], ...] = ()
+
+    def column_of(self, mode: str) -> tuple[str, str]:
+        """The column a mode's panel draws, and its y label."""
+        return dict(self.mode_columns).get(mode, (self.column, self.ylabel))
 
 
 TIME = CurveSpec(
@@ -55,8 +61,9 @@ TIME = CurveSpec(
     ylabel="median time per call (s)",
     log_y=True,
     references=True,
-    caption="Median time per call against sequence length on log-log axes, one panel per mode; the grey dashed "
-    "lines are reference slopes ∝ n and ∝ n², and an X marks where a curve stopped (OOM, timeout, skipped).",
+    caption="Median time per call against sequence length on log-log axes, one panel per mode (decode: one new "
+    "token's step against a context of n tokens); the grey dashed lines are reference slopes ∝ n and ∝ n², "
+    "and an X marks where a curve stopped (OOM, timeout, skipped).",
 )
 MEMORY = CurveSpec(
     base="memory_vs_seq_len",
@@ -67,7 +74,9 @@ MEMORY = CurveSpec(
     log_y=True,
     references=True,
     caption="Peak memory of one call (allocator level, above the resident inputs) against sequence length on "
-    "log-log axes, with reference slopes ∝ n and ∝ n²; an X marks where a curve stopped.",
+    "log-log axes, with reference slopes ∝ n and ∝ n²; an X marks where a curve stopped. The decode panel shows "
+    "the bytes of the cache a step reads, against the context's length.",
+    mode_columns=(("decode", (MEMORY_COLUMNS["decode"], "decode cache (MiB)")),),
 )
 ROOFLINE = CurveSpec(
     base="roofline",
@@ -97,13 +106,15 @@ def curve_figure(
     stem: str,
 ) -> FigureInfo | None:
     modes = sorted(rows["mode"].unique())
-    if ok_rows(rows)[spec.column].notna().sum() == 0 and (rows["status"] == "ok").all():
+    drawn = {spec.column_of(mode)[0] for mode in modes}
+    if ok_rows(rows)[sorted(drawn)].notna().sum().sum() == 0 and (rows["status"] == "ok").all():
         return None
     with figure_style():
         figure, axes = new_figure(ncols=len(modes))
         for ax, mode in zip(axes[0], modes, strict=True):
             panel = rows[rows["mode"] == mode]
-            ok_values = ok_rows(panel)[spec.column] / spec.scale
+            column, ylabel = spec.column_of(mode)
+            ok_values = ok_rows(panel)[column] / spec.scale
             floor = lowest_positive(ok_values)
             placed: dict[tuple[float, float], int] = {}
             for (impl, params), curve in panel.groupby(["impl", "params"], sort=True):
@@ -111,7 +122,7 @@ def curve_figure(
                     ax,
                     curve.sort_values("seq_len"),
                     x="seq_len",
-                    column=spec.column,
+                    column=column,
                     scale=spec.scale,
                     floor=floor,
                     placed=placed,
@@ -123,14 +134,14 @@ def curve_figure(
             if ok_values.dropna().empty:
                 no_data(ax)
             if spec.references:
-                reference_slopes(ax, ok_rows(panel), column=spec.column, scale=spec.scale)
+                reference_slopes(ax, ok_rows(panel), column=column, scale=spec.scale)
             log2_axis(ax, panel["seq_len"])
             if spec.log_y:
                 ax.set_yscale("log")
             else:
                 ax.set_ylim(bottom=0)
-            ax.set_xlabel("sequence length n (tokens)")
-            ax.set_ylabel(spec.ylabel)
+            ax.set_xlabel("sequence length n (tokens)" if mode != "decode" else "context n (tokens)")
+            ax.set_ylabel(ylabel)
             ax.set_title(mode)
         failure_handle(axes[0][0])
         return finish_figure(

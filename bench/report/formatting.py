@@ -16,7 +16,7 @@ MIB = 2**20
 GIB = 2**30
 CSV_FLOAT_FORMAT = "%.6g"
 # columns of a table that name a curve besides its label and mode: shown only when they vary
-_SHOWN_WHEN_VARYING = ("env_id", "device", "dtype", "causal", "batch", "heads", "head_dim")
+_SHOWN_WHEN_VARYING = ("env_id", "device", "dtype", "causal", "batch", "heads", "kv_heads", "q_len", "head_dim")
 COLUMN_HEADERS = {
     "env_id": "env",
     "device": "device",
@@ -24,6 +24,8 @@ COLUMN_HEADERS = {
     "causal": "causal",
     "batch": "batch",
     "heads": "heads",
+    "kv_heads": "kv heads",
+    "q_len": "queries",
     "head_dim": "head dim",
     "label": "impl",
     "mode": "mode",
@@ -95,6 +97,8 @@ def cell_text(row: Mapping[str, Any], column: str) -> str:
     value = row[column]
     if column == "causal":
         return "yes" if value else "no"
+    if column == "q_len":
+        return str(value) if value else "self"
     return str(value)
 
 

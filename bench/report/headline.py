@@ -57,9 +57,14 @@ def headline_section(an: Analysis) -> list[str]:
         "Crossover: the smallest length from which the implementation is faster than the baseline "
         "(interpolated in log-log between measured lengths; `always` / `never` within the common range). "
         f"Longest n in {budget}: measured, or extrapolated from the memory fit where every measured length fits "
-        f"(no further than {MAX_EXTRAPOLATION}× the longest measured length: `>` marks that limit).",
+        f"(no further than {MAX_EXTRAPOLATION}× the longest measured length: `>` marks that limit). "
+        "Decode rows: the time of one new token's step against a context of n tokens, and for memory the bytes of "
+        "the cache it reads (keys and values, a window, a running state); their theory is the step's complexity. "
+        "Supports: what the implementation runs beyond non-causal self-attention (causal masking, grouped "
+        "key/value heads, cross lengths, decoding); the rest it refuses, and such cases are skipped (`–`: records from before it was recorded).",
         "",
     ]
+    supports = _supports_by_impl(an.results.frame)
     crossovers = {(an.curve_key(row), row["baseline"]): row for row in an.crossovers.to_dict("records")}
     budgets = {an.curve_key(row): row for row in an.budget.to_dict("records")}
     best_roofline = an.roofline.groupby(list(CURVE_COLUMNS))["roofline"].max().to_dict()
@@ -67,6 +72,7 @@ def headline_section(an: Analysis) -> list[str]:
     name_columns = curve_name_columns(exponents)
     headers = [
         *(COLUMN_HEADERS[c] for c in name_columns),
+        "supports",
         "time k [CI]",
         "theory",
         "memory k [CI]",
@@ -80,6 +86,7 @@ def headline_section(an: Analysis) -> list[str]:
     for row in exponents.to_dict("records"):
         key = an.curve_key(row)
         cells = [cell_text(row, c) for c in name_columns]
+        cells.append(supports.get(row["impl"], "–"))
         cells += [_interval(row, "time"), _theory(row, "time"), _interval(row, "memory"), _theory(row, "memory")]
         for baseline in an.baselines:
             found = crossovers.get((key, baseline))
@@ -91,6 +98,16 @@ def headline_section(an: Analysis) -> list[str]:
         rows.append(cells)
     lines.append(markdown_table(headers, rows))
     return lines
+
+
+def _supports_by_impl(frame: pd.DataFrame) -> dict[str, str]:
+    """Per implementation, what its records say it supports (the newest record that says)."""
+    found = {}
+    for impl, rows in frame.groupby("impl", sort=True):
+        texts = rows["supports"].dropna()
+        if not texts.empty:
+            found[impl] = str(texts.iloc[-1])
+    return found
 
 
 def _budget_text(row: Mapping[str, Any] | None) -> str:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from bench.cases import Case, GridError
 from bench.pooling import CaseGroups
-from bench.results import NUMERIC_FIELDS, STATUSES, ResultsError, env_identity, iter_records
+from bench.results import NUMERIC_FIELDS, STATUSES, ResultsError, env_identity, iter_records, supports_text
 
 # every field but seq_len: the points of one scaling curve share these (env_id first: never merge environments)
 CURVE_COLUMNS = (
@@ -39,6 +39,8 @@ CURVE_COLUMNS = (
     "mode",
     "batch",
     "heads",
+    "kv_heads",
+    "q_len",
     "head_dim",
     "depth",
     "residual",
@@ -82,6 +84,15 @@ def env_label(env: Mapping[str, Any]) -> str:
     parts.append(f"torch {env.get('torch_version')}")
     parts.append(f"{env.get('num_threads')} threads")
     return " · ".join(parts)
+
+
+# the memory a mode's curves are fitted and drawn by: a decode step's is the cache it reads
+MEMORY_COLUMNS = {"decode": "cache_bytes"}
+
+
+def memory_column(mode: str) -> str:
+    """The column of a mode's memory: ``peak_bytes`` of a call, or ``cache_bytes`` for decode."""
+    return MEMORY_COLUMNS.get(mode, "peak_bytes")
 
 
 def params_text(params: Mapping[str, Any]) -> str:
@@ -145,6 +156,8 @@ def record_row(
     time_text, memory_text = _complexity(record, case.impl, complexities)
     raw_info = record.get("impl_info")
     info: Mapping[str, Any] = raw_info if isinstance(raw_info, Mapping) else {}
+    if case.mode == "decode":  # a step's time and its cache's bytes (memory_column) grow alike
+        time_text = memory_text = info.get("decode_complexity") or None
     row: dict[str, Any] = {
         "env_id": env_id_of(env),
         "scope": case.scope,
@@ -154,6 +167,8 @@ def record_row(
         "mode": case.mode,
         "batch": case.batch,
         "heads": case.heads,
+        "kv_heads": case.key_value_heads,
+        "q_len": case.q_len,  # 0: self-attention
         "head_dim": case.head_dim,
         "depth": case.depth,
         "residual": case.residual,
@@ -175,6 +190,7 @@ def record_row(
         "time_complexity": time_text,
         "memory_complexity": memory_text,
         "exact": info.get("exact"),
+        "supports": supports_text(info),
         "run_id": record.get("run_id"),
         "git_commit": env.get("git_commit"),
         "timestamp": env.get("timestamp"),

@@ -28,6 +28,7 @@ from bench.report.defaults import (
 from bench.report.details import (
     by_length_sections,
     errors_section,
+    grouped_heads_section,
     layers_section,
     repeatability_section,
     stops_section,
@@ -46,6 +47,7 @@ _TABLE_FILES = (
     ("errors", "per case that measured it: relative error against exact attention, random and peaked inputs"),
     ("backward_ratio", "per curve and length: median fwd+bwd time over median fwd time"),
     ("layers", "layer-stack cases: median time and peak memory by depth and residual kind"),
+    ("grouped_heads", "setups measured with several numbers of key/value heads: time and memory by kv_heads"),
     ("stops", "where each curve stopped: the first non-ok length and its status and message"),
     ("environments", "the environments the records come from, with their identity fields"),
 )
@@ -194,6 +196,7 @@ def _tables(an: Analysis) -> dict[str, pd.DataFrame]:
         "errors": an.errors,
         "backward_ratio": an.backward_ratio,
         "layers": an.layers,
+        "grouped_heads": an.grouped_heads,
         "stops": an.stops,
         "environments": an.results.environments,
     }
@@ -215,6 +218,7 @@ def render_markdown(an: Analysis, *, figures: Sequence[Any], tables: Sequence[Pa
         _grid_section(an),
         headline_section(an),
         by_length_sections(an),
+        grouped_heads_section(an),
         layers_section(an),
         errors_section(an),
         stops_section(an),

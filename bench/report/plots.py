@@ -22,7 +22,7 @@ from bench.report.load import ok_rows
 from bench.report.plot_style import FigureInfo, impl_palette
 
 # a figure per combination of these; its panels split by mode (the lines are implementations)
-PANEL_GROUP_COLUMNS = ("env_id", "device", "dtype", "causal", "batch", "heads", "head_dim")
+PANEL_GROUP_COLUMNS = ("env_id", "device", "dtype", "causal", "batch", "heads", "kv_heads", "q_len", "head_dim")
 _PARAM_STYLES = ("-", "--", "-.", ":")
 
 
@@ -31,17 +31,21 @@ _PARAM_STYLES = ("-", "--", "-.", ":")
 
 def _group_title(group: dict[str, Any]) -> str:
     causal = "causal" if group["causal"] else "non-causal"
+    kv = f" ({group['kv_heads']} key/value)" if group["kv_heads"] != group["heads"] else ""
+    queries = f", {group['q_len']} queries against n keys" if group["q_len"] else ""
     return (
         f"{group['device']} {group['dtype']}, {causal}, batch {group['batch']}, "
-        f"{group['heads']} heads × {group['head_dim']}, env {group['env_id']}"
+        f"{group['heads']} heads{kv} × {group['head_dim']}{queries}, env {group['env_id']}"
     )
 
 
 def _group_slug(group: dict[str, Any]) -> str:
     causal = "causal" if group["causal"] else "full"
+    kv = f"kv{group['kv_heads']}" if group["kv_heads"] != group["heads"] else ""
+    queries = f"-q{group['q_len']}" if group["q_len"] else ""
     return (
         f"{group['env_id']}-{group['device'].replace(':', '')}-{group['dtype']}-{causal}"
-        f"-b{group['batch']}h{group['heads']}d{group['head_dim']}"
+        f"-b{group['batch']}h{group['heads']}{kv}d{group['head_dim']}{queries}"
     )
 
 
