@@ -37,6 +37,31 @@ LAYERS_ARGS = [
     "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4", "--residual", "standard,reversible,checkpoint",
     "--seq-lens", "1024", "--modes", "fwd+bwd", "--min-time", "0.2", "--timeout", "60", "--processes", "3",
 ]  # fmt: skip
+# Decoding and grouped heads: one new token against a cache of 1K to 64K tokens, with 8 key/value heads (as many
+# as the queries) and with 1 (multi-query); the implementations that can not decode are skipped at once.
+DECODE_ARGS = [
+    "--modes", "decode", "--seq-lens", "1024:65536:x4", "--kv-heads", "same,1", "--min-time", "0.2",
+    "--timeout", "25", "--processes", "3",
+]  # fmt: skip
+# The larger studies behind results/shapes.jsonl (nox -s studies, about 45 minutes on the 2-core VM): decoding
+# against 1K to 64K tokens; 8, 2 and 1 key/value heads at 8192 (full's training step there needs about 14 GiB:
+# the budget is raised past the default 60% of free memory); 1024 queries against 2K to 64K keys; layer stacks
+# at 4096 tokens to depth 12 (a call of full at depth 12 takes over a minute: one process, a long time-out).
+STUDIES = [
+    ["--modes", "decode", "--seq-lens", "1024:65536:x4", "--min-time", "0.2", "--processes", "3"],
+    [
+        "--impls", "sdpa,full,local,linear", "--seq-lens", "8192", "--kv-heads", "same,2,1",
+        "--modes", "fwd,fwd+bwd,decode", "--min-time", "0.2", "--processes", "2", "--timeout", "300",
+        "--budget-gb", "19.5",
+    ],
+    ["--q-lens", "1024", "--seq-lens", "2048:65536:x2", "--modes", "fwd", "--min-time", "0.2", "--processes", "2",
+     "--timeout", "300"],
+    [
+        "--impls", "full,reformer", "--scope", "layers", "--depths", "1,4,12",
+        "--residual", "standard,reversible,checkpoint", "--seq-lens", "4096", "--modes", "fwd+bwd",
+        "--min-time", "0.2", "--processes", "1", "--timeout", "900",
+    ],
+]  # fmt: skip
 nox.options.reuse_venv = "yes"
 
 
@@ -140,13 +165,27 @@ def bench(session: nox.Session) -> None:
     """The default sweep on this machine's default device, into results/local/MACHINE.jsonl and reports/local/MACHINE/.
 
     It never touches the committed reference (results/bench.jsonl, reports/); run again, it resumes.
-    posargs go to `attnbench run` (then the layer-stack study is left out; --out names another file).
+    posargs go to `attnbench run` (then the decoding and layer-stack studies are left out; --out names another
+    file).
     """
     _install_project(session)
     out = _out_path(session.posargs, f"results/{LOCAL}/{_machine()}.jsonl")
     session.run("attnbench", "run", *BENCH_ARGS, "--out", out, *session.posargs)
     if not session.posargs:
+        session.run("attnbench", "run", *DECODE_ARGS, "--out", out)
         session.run("attnbench", "run", *LAYERS_ARGS, "--out", out)
+    report_dir = f"{REPORTS}/{LOCAL}/{Path(out).stem}"
+    session.run("attnbench", "report", out, "--out", report_dir)
+    session.log(f"results: {out}; report: {report_dir}/README.md")
+
+
+@nox.session
+def studies(session: nox.Session) -> None:
+    """The larger studies (STUDIES) on this machine, into results/local/MACHINE-studies.jsonl and its report."""
+    _install_project(session)
+    out = f"results/{LOCAL}/{_machine()}-studies.jsonl"
+    for args in STUDIES:
+        session.run("attnbench", "run", *args, "--out", out)
     report_dir = f"{REPORTS}/{LOCAL}/{Path(out).stem}"
     session.run("attnbench", "report", out, "--out", report_dir)
     session.log(f"results: {out}; report: {report_dir}/README.md")
@@ -155,7 +194,9 @@ def bench(session: nox.Session) -> None:
 # The committed reports and the results each is built from (nox -s report rebuilds them).
 COMMITTED_REPORTS = {
     REPORTS: [RESULTS],  # the default sweep
-    f"{REPORTS}/scaling": ["results/scaling.jsonl"],  # fwd, 2048 to 32768: the families' fitted exponents
+    # fwd, 2048 to 32768: the families' fitted exponents; decoding, grouped heads, cross-attention and layer
+    # stacks at 4096 (results/shapes.jsonl, another machine: its curves stay apart)
+    f"{REPORTS}/scaling": ["results/scaling.jsonl", "results/shapes.jsonl"],
 }
 
 

@@ -21,6 +21,9 @@ An implementation is an ``nn.Module`` subclass of :class:`AttentionModule` with
   declare the keywords ``device`` (the device type, ``"cpu"``, ``"cuda"``, ``"mps"``) and ``dtype`` (its
   name, ``"float32"``, or None) when its estimate depends on them: ``ImplSpec.memory_bytes`` passes each one
   only to an estimate whose signature names it, so an estimate written before they existed keeps working;
+  both (and the constructor) get ``q_len`` and ``kv_heads`` the same way, only for a case that has them;
+* decoding (``supports_decode``): ``prefill``, ``decode_step``, ``decode_flops``, ``cache_bytes`` and
+  ``decode_complexity`` (below and ``attention_impls.decoding``);
 * ``config_error(config)``: ``None`` or what is wrong with a hyperparameter whatever the sequence length
   (a size below its minimum, an unknown layout, a NaN); ``get(name, params)`` refuses such a config at once;
 * ``config_problem(config, *, seq_len)``: the same for problems that depend on the length (the case is

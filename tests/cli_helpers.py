@@ -11,6 +11,10 @@ TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 
 
+# where the fault_hang implementation (tests/fault_impls.py) writes its pid as it starts hanging, when set
+HANG_MARKER_ENV = "ATTNBENCH_TEST_HANG_MARKER"
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), str(ROOT), env.get("PYTHONPATH", "")]))

@@ -11,6 +11,7 @@ import signal
 import time
 
 import torch
+from cli_helpers import HANG_MARKER_ENV
 
 from attention_impls import AttentionModule, register
 from attention_impls.full import FullAttention, full_attention
@@ -37,6 +38,10 @@ class Raises(_Fault):
 @register("fault_hang")
 class Hangs(_Fault):
     def forward(self, q, k, v, *, causal=False):
+        marker = os.environ.get(HANG_MARKER_ENV)
+        if marker:
+            with open(marker, "w") as file:
+                file.write(str(os.getpid()))
         time.sleep(3600)
         return q
 

@@ -75,6 +75,12 @@ def test_the_decode_cache_and_grouped_heads_have_sections(report: Path) -> None:
     assert "| 4,000 ms / 763 MiB | 3,600 ms / 763 MiB | 3,500 ms / 763 MiB |" in grouped
 
 
+def test_grouped_heads_have_a_figure_of_time_and_memory_against_the_key_value_heads(report: Path) -> None:
+    assert (report / "figures" / "grouped_heads.png").stat().st_size > 0
+    text = (report / "README.md").read_text()
+    assert "Grouped key/value heads: time and memory" in text.split("## Figures")[1]
+
+
 def test_cross_attention_curves_get_figures_of_their_own(report: Path) -> None:
     figures = sorted(p.name for p in (report / "figures").glob("time_vs_seq_len*.png"))
     assert any("-q1024" in name for name in figures), figures
@@ -83,3 +89,4 @@ def test_cross_attention_curves_get_figures_of_their_own(report: Path) -> None:
     header = rows[0]
     cross = [row for row in rows[2:] if row[header.index("queries")] == "1024"]
     assert len(cross) == 1 and cross[0][header.index("time k [CI]")].startswith("1.00 [")
+    assert cross[0][header.index("time k [CI]") + 1] == "–"  # self-attention's complexity is not theirs

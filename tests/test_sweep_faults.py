@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from cli_helpers import attnbench
+from cli_helpers import HANG_MARKER_ENV, ROOT, attnbench, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +92,42 @@ def test_oom_kill_count_reads_vmstat(tmp_path) -> None:
     vmstat.write_text("pgfault 10\noom_kill 7\n")
     assert oom_kill_count(vmstat) == 7
     assert oom_kill_count(tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_sweep_killed_from_outside_leaves_no_worker_running(tmp_path) -> None:
+    """kill -9 of the sweep while its worker runs a case that would last an hour: the worker dies with it."""
+    out, marker = tmp_path / "killed.jsonl", tmp_path / "hanging.pid"
+    args = ["run", "--impls", "fault_hang", "--seq-lens", "64", "--modes", "fwd", "--timeout", "600"]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", *args, "--quiet", "--out", str(out)],
+        env=cli_env(ATTNBENCH_IMPORT="fault_impls", **{HANG_MARKER_ENV: str(marker)}),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # the worker writes its pid as the hanging case starts
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.1)
+        worker = int(marker.read_text())
+        assert _alive(worker)
+        sweep.kill()
+        sweep.wait(timeout=30)
+        for _ in range(100):
+            if not _alive(worker):
+                break
+            time.sleep(0.1)
+        assert not _alive(worker), f"worker {worker} outlived the sweep"
+    finally:
+        sweep.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is still running (Linux's /proc; a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

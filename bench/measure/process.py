@@ -10,6 +10,8 @@ with the signal or exit code in words.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import json
 import os
@@ -103,6 +105,33 @@ def pin_to_cores(threads: int) -> None:
         os.sched_setaffinity(0, cores)
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker before it starts (Linux): have the kernel SIGKILL it when the sweep that started it dies, so a
+    sweep killed from outside (SIGTERM, SIGKILL) leaves no worker computing a long case; elsewhere nothing.
+
+    Exits at once when ``parent_pid`` is no longer the parent (the sweep died before the signal was asked for).
+    The signal follows the thread that started the worker: the sweep starts them from its main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _prepare_worker(*, threads: int, pin: bool, parent_pid: int) -> None:
+    """Run in the worker between fork and exec."""
+    die_with_parent(parent_pid)
+    if pin:
+        pin_to_cores(threads)
+
+
 def cpu_list(cpus: list[int] | None) -> str | None:
     """CPUs as ranges, e.g. ``0-3,8`` (None stays None)."""
     if not cpus:
@@ -123,7 +152,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
             env=worker_environ(os.environ, pin=pin),
-            preexec_fn=(lambda: pin_to_cores(threads)) if pin else None,
+            preexec_fn=functools.partial(_prepare_worker, threads=threads, pin=pin, parent_pid=os.getpid()),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -1,5 +1,6 @@
 """The kinds of figure in a report, one function each: a column against sequence length (time, memory,
-roofline), the backward ratio, layer-stack memory against depth, and speed against approximation error.
+roofline), the backward ratio, layer-stack memory against depth, time and memory against the number of
+key/value heads, and speed against approximation error.
 
 Each draws one figure from the rows it is given and saves it through :mod:`bench.report.plot_style`; it
 returns None when there is nothing to show. Which figures a report has is :mod:`bench.report.plots`' job.
@@ -248,6 +249,63 @@ def layers_figure(
                 ax.set_ylim(bottom=0)
                 ax.set_xlabel("depth (layers)")
                 ax.set_ylabel("peak memory above inputs (MiB)")
+                ax.set_title(f"{mode}, n={seq_len}")
+        failure_handle(axes[0][0])
+        panels = [ax for row in axes for ax in row]
+        return finish_figure(
+            figure, panels, title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem
+        )
+
+
+# ---------------------------------------------------------------- grouped key/value heads
+
+
+def grouped_heads_figure(
+    rows: pd.DataFrame,
+    *,
+    subtitle: str,
+    palette: dict[str, Any],
+    out_dir: Path,
+    stem: str,
+) -> FigureInfo | None:
+    """Time (top) and memory (bottom) against the number of key/value heads, a column per mode and length."""
+    if rows.empty:
+        return None
+    columns = sorted({(mode, int(n)) for mode, n in zip(rows["mode"], rows["seq_len"], strict=True)})
+    title = "Grouped key/value heads: time and memory"
+    caption = (
+        "Median time (top) and memory (bottom: peak above the inputs; for decode, the cache's bytes) of one call "
+        "against the number of key/value heads at one length, the query heads fixed (1: multi-query attention)."
+    )
+    measures = (("median_s", 1e-3, "median time (ms)"), ("memory_bytes", MIB, "memory (MiB)"))
+    with figure_style():
+        figure, axes = new_figure(ncols=len(columns), nrows=len(measures), width_in=3.8, height_in=3.0)
+        for col_index, (mode, seq_len) in enumerate(columns):
+            panel = rows[(rows["mode"] == mode) & (rows["seq_len"] == seq_len)]
+            for row_index, (column, scale, ylabel) in enumerate(measures):
+                ax = axes[row_index][col_index]
+                floor = lowest_positive(ok_rows(panel)[column] / scale)
+                placed: dict[tuple[float, float], int] = {}
+                for (impl, _params), line in panel.groupby(["impl", "params"], sort=True):
+                    line_with_stops(
+                        ax,
+                        line.sort_values("kv_heads"),
+                        x="kv_heads",
+                        column=column,
+                        scale=scale,
+                        floor=floor,
+                        placed=placed,
+                        marker="o",
+                        color=palette[impl],
+                        linestyle="-",
+                        label=line["label"].iloc[0],
+                    )
+                if ok_rows(panel)[column].dropna().empty:
+                    no_data(ax)
+                log2_axis(ax, panel["kv_heads"])
+                ax.set_yscale("log")
+                ax.set_xlabel("key/value heads")
+                ax.set_ylabel(ylabel)
                 ax.set_title(f"{mode}, n={seq_len}")
         failure_handle(axes[0][0])
         panels = [ax for row in axes for ax in row]

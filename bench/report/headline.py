@@ -60,6 +60,8 @@ def headline_section(an: Analysis) -> list[str]:
         f"(no further than {MAX_EXTRAPOLATION}× the longest measured length: `>` marks that limit). "
         "Decode rows: the time of one new token's step against a context of n tokens, and for memory the bytes of "
         "the cache it reads (keys and values, a window, a running state); their theory is the step's complexity. "
+        "Rows with a number of queries (cross-attention: that many queries against n keys) have none: the "
+        "complexities are self-attention's. "
         "Supports: what the implementation runs beyond non-causal self-attention (causal masking, grouped "
         "key/value heads, cross lengths, decoding); the rest it refuses, and such cases are skipped (`–`: records from before it was recorded).",
         "",

@@ -158,6 +158,8 @@ def record_row(
     info: Mapping[str, Any] = raw_info if isinstance(raw_info, Mapping) else {}
     if case.mode == "decode":  # a step's time and its cache's bytes (memory_column) grow alike
         time_text = memory_text = info.get("decode_complexity") or None
+    if case.q_len:  # a fixed number of queries against growing keys: self-attention's complexity does not apply
+        time_text = memory_text = None
     row: dict[str, Any] = {
         "env_id": env_id_of(env),
         "scope": case.scope,

@@ -98,6 +98,10 @@ def make_figures(analysis: Analysis, *, out_dir: Path) -> list[FigureInfo]:
     layer_groups = _panel_groups(frame[frame["scope"] == "layers"])
     for group, rows in layer_groups:
         draw(figures.layers_figure, rows, group, base="layers_memory_vs_depth", many=len(layer_groups) > 1)
+    grouped = analysis.grouped_heads.assign(kv_heads=lambda f: f["heads"])  # one figure for all the counts
+    grouped_groups = [(group, analysis.grouped_heads.loc[rows.index]) for group, rows in _panel_groups(grouped)]
+    for group, rows in grouped_groups:
+        draw(figures.grouped_heads_figure, rows, group, base="grouped_heads", many=len(grouped_groups) > 1)
     for group, rows in attention_groups:
         draw(figures.pareto_figure, rows, group, base="speed_vs_error", many=many)
     roofline = figures.ROOFLINE
