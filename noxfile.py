@@ -43,7 +43,7 @@ DECODE_ARGS = [
     "--modes", "decode", "--seq-lens", "1024:65536:x4", "--kv-heads", "same,1", "--min-time", "0.2",
     "--timeout", "25", "--processes", "3",
 ]  # fmt: skip
-# The larger studies behind results/shapes.jsonl (nox -s studies, about 45 minutes on the 2-core VM): decoding
+# The larger studies behind results/shapes.jsonl (nox -s studies, about 50 minutes on the 2-core VM): decoding
 # against 1K to 64K tokens; 8, 2 and 1 key/value heads at 8192 (full's training step there needs about 14 GiB:
 # the budget is raised past the default 60% of free memory); 1024 queries against 2K to 64K keys; layer stacks
 # at 4096 tokens to depth 12 (a call of full at depth 12 takes over a minute: one process, a long time-out).

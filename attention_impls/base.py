@@ -226,8 +226,9 @@ class AttentionModule(nn.Module):
 
         Returns its output (batch, heads, 1, head_dim), attending to every token the cache holds and itself (the
         last row of the causal forward over them all), and the cache holding it too. It may write into the
-        cache's buffers beyond what ``cache`` holds; called again with the same ``cache`` and token it returns
-        the same output (a decode case times repeated calls).
+        cache's buffers (beyond what ``cache`` holds, or over what the new token's window has left); called again
+        with the same ``cache`` and token it returns the same output (a decode case times repeated calls).
+        Decoding goes on from the returned cache.
         """
         raise UnsupportedCase(f"{type(self).__name__} does not support decoding")
 

@@ -7,10 +7,11 @@ key and value (a KV cache, O(n) bytes and O(n) work per step), sliding windows k
 nothing.
 
 The cache is written ahead, as serving engines do: buffers for ``capacity`` tokens are allocated when it is
-filled (``prefill``), and a step writes the new token into the slot after the ones it holds. The cache a
-step was given still holds what it held (its ``length`` counts the tokens it holds, and the slot written is
-beyond it, or out of its window), so a step called again with the same cache gives the same output: that is
-what a decode case times.
+filled (``prefill``), and a step writes the new token into the slot after the ones it holds (a KV cache:
+beyond its ``length``) or over the one its window has left behind (a ring). Either way the tokens the new
+token attends to are untouched, so a step called again with the same cache and token gives the same output:
+that is what a decode case times. Decoding goes on from the cache a step returns; an older one may have lost
+a token to the ring.
 """
 
 from __future__ import annotations

@@ -62,11 +62,11 @@ class SDPAttention(KVCacheDecoding, AttentionModule):
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal, q_len=None):
-        # flash kernels skip the blocks above the diagonal under a causal mask (lower-right: the q_len x q_len
-        # triangle at the end of the keys; decoding's single query sees every key)
+        # flash kernels skip the blocks above the diagonal under is_causal; a lower-right causal mask (q_len !=
+        # seq_len) reaches the CPU's kernel as an explicit mask, which it applies to every block: counted dense
         q_len = q_len or seq_len
         dense = 4.0 * batch * heads * q_len * seq_len * head_dim
-        return dense - 2.0 * batch * heads * q_len * (q_len - 1) * head_dim if causal else dense
+        return dense / 2 if causal and q_len == seq_len else dense
 
     @classmethod
     def memory_bytes(

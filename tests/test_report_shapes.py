@@ -4,6 +4,7 @@ fixed query length, and the headline's column of what each implementation suppor
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,18 @@ def test_decode_rows_fit_time_per_token_and_cache_bytes_against_the_steps_comple
     assert decode["linear"][time_k].startswith("0.00 [") and decode["linear"][time_k + 1] == "0 `O(d^2)`"
     assert decode["linear"][memory_k].startswith("0.00 [")
     assert decode["full"][header.index("supports")] == "causal, GQA, cross, decode"
+
+
+def test_the_memory_budget_of_a_decode_curve_is_its_cache() -> None:
+    from bench.report.analysis import analyze
+    from bench.report.load import load_results
+
+    with tempfile.TemporaryDirectory() as folder:
+        results = load_results([write_results(Path(folder) / "shapes.jsonl", shapes_study())])
+    budget = analyze(results, budget_bytes=100 * 2**20).budget
+    decode = budget[budget["mode"] == "decode"].set_index("impl")
+    assert decode.loc["full", "basis"] == "measured" and decode.loc["full", "max_seq_len"] == 16384  # 128 MiB at 64K
+    assert decode.loc["linear", "basis"] == "at least"  # a cache that does not grow: no length runs out
 
 
 def test_the_decode_cache_and_grouped_heads_have_sections(report: Path) -> None:

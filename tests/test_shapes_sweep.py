@@ -58,3 +58,23 @@ def test_cross_lengths_through_the_command_line(tmp_path: Path) -> None:
     assert more_queries["status"] == "skipped" and "q_len <= seq_len" in more_queries["message"]
     sparse = records[("sparse", "fwd", 8, 32, 64)]
     assert sparse["message"] == "sparse does not support queries and keys of different lengths (cross-attention)"
+
+
+def test_a_decode_case_is_budgeted_for_its_one_query_its_cache_and_its_step() -> None:
+    from bench.measure.plan import estimate_bytes
+
+    case = Case(impl="full", seq_len=65536, mode="decode", kv_heads=1)
+    keys_and_values = cache = 2 * 65536 * 64 * 4  # one key/value head, float32
+    step = 3 * 8 * 65536 * 4 + 8 * 64 * 4  # one query row of scores per head, and the output
+    assert estimate_bytes(case) == 8 * 64 * 4 + keys_and_values + cache + step
+
+
+def test_key_value_heads_as_many_as_heads_name_the_one_case(tmp_path: Path) -> None:
+    out = tmp_path / "same.jsonl"
+    done = attnbench(
+        "run", "--impls", "full", "--seq-lens", "64", "--modes", "fwd", "--kv-heads", "same,8,4", "--processes", "1",
+        *FAST, "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(_records(out)) == [("full", "fwd", 4, 0, 64), ("full", "fwd", 8, 0, 64)]
+    assert len(out.read_text().splitlines()) == 2  # measured once each

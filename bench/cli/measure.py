@@ -55,7 +55,8 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
     depths = tuple(grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip())
     if not depths or min(depths) < 1:
         raise grid.GridError(f"--depths must be positive integers, got {args.depths!r}")
-    kv_heads = tuple(grid.parse_counts(args.kv_heads, what="--kv-heads", same="as many as --heads"))
+    kv_heads = grid.parse_counts(args.kv_heads, what="--kv-heads", same="as many as --heads")
+    kv_heads = tuple(dict.fromkeys(0 if count == args.heads else count for count in kv_heads))  # one name each
     for count in kv_heads:
         if count and args.heads % count:
             raise grid.GridError(f"--kv-heads must divide --heads ({args.heads}), got {count}")

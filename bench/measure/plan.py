@@ -143,6 +143,7 @@ def estimate_bytes(case: Case) -> float:
             device=case.device,
             dtype=case.dtype,
         )
+    queries = 1 if case.mode == "decode" else case.query_len  # a decode step has the new token's query only
     attention = spec.memory_bytes(
         batch=case.batch,
         heads=case.heads,
@@ -152,11 +153,11 @@ def estimate_bytes(case: Case) -> float:
         causal=case.causal,
         device=case.device,
         dtype=case.dtype,
-        q_len=1 if case.mode == "decode" else case.query_len,  # a decode step: the new token's query
+        q_len=queries,
         kv_heads=case.key_value_heads,
     )
     keys_and_values = 2 * case.batch * case.key_value_heads * case.seq_len * case.head_dim * case.itemsize
-    inputs = case.batch * case.heads * case.query_len * case.head_dim * case.itemsize + keys_and_values
+    inputs = case.batch * case.heads * queries * case.head_dim * case.itemsize + keys_and_values
     if case.mode == "decode":
         # the keys and values the cache is filled from, the cache (its estimate, else a KV cache's), one step
         cache = spec.cache_bytes(

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,26 +108,33 @@ def pin_to_cores(threads: int) -> None:
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
-def die_with_parent(parent_pid: int) -> None:
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux), looked up once in the sweep's process: nothing is loaded between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
     """In a worker before it starts (Linux): have the kernel SIGKILL it when the sweep that started it dies, so a
     sweep killed from outside (SIGTERM, SIGKILL) leaves no worker computing a long case; elsewhere nothing.
 
     Exits at once when ``parent_pid`` is no longer the parent (the sweep died before the signal was asked for).
     The signal follows the thread that started the worker: the sweep starts them from its main thread.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         return
     if os.getppid() != parent_pid:
         os._exit(1)
 
 
-def _prepare_worker(*, threads: int, pin: bool, parent_pid: int) -> None:
+def _prepare_worker(*, threads: int, pin: bool, prctl: Callable[..., int] | None, parent_pid: int) -> None:
     """Run in the worker between fork and exec."""
-    die_with_parent(parent_pid)
+    die_with_parent(prctl, parent_pid)
     if pin:
         pin_to_cores(threads)
 
@@ -152,7 +159,9 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
             env=worker_environ(os.environ, pin=pin),
-            preexec_fn=functools.partial(_prepare_worker, threads=threads, pin=pin, parent_pid=os.getpid()),
+            preexec_fn=functools.partial(
+                _prepare_worker, threads=threads, pin=pin, prctl=_prctl(), parent_pid=os.getpid()
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -317,7 +317,7 @@ def grouped_heads_table(frame: pd.DataFrame) -> pd.DataFrame:
 def budget_table(
     frame: pd.DataFrame, exponents: pd.DataFrame, *, budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES
 ) -> pd.DataFrame:
-    """Per curve: the longest length whose peak memory fits ``budget_bytes``.
+    """Per curve: the longest length whose peak memory (a decode step's: its cache) fits ``budget_bytes``.
 
     ``basis`` says where the number comes from: ``measured`` (a measured length fits and a longer one does
     not), ``extrapolated`` (every measured length fits; solved from the memory fit), ``beyond`` (the fit's
@@ -328,10 +328,11 @@ def budget_table(
     fits = {tuple(row[c] for c in CURVE_COLUMNS): fit_from_row(row, prefix="memory") for row in _records(exponents)}
     rows = []
     for key, curve in iter_curves(frame):
+        memory = memory_column(_curve_dict(key)["mode"])  # the column the memory fit was made on
         ok = ok_rows(curve)
-        ok = ok[ok["peak_bytes"].notna()]
-        within = ok[ok["peak_bytes"] <= budget_bytes]["seq_len"]
-        over = ok[ok["peak_bytes"] > budget_bytes]["seq_len"]
+        ok = ok[ok[memory].notna()]
+        within = ok[ok[memory] <= budget_bytes]["seq_len"]
+        over = ok[ok[memory] > budget_bytes]["seq_len"]
         failed = curve[curve["status"].isin(("oom", "crashed"))]["seq_len"]
         note = f"{STATUS_LABELS['oom']}/crash from n={int(failed.min())}" if len(failed) else ""
         fit = fits.get(key)
