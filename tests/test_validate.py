@@ -214,12 +214,13 @@ def test_default_dirs_are_named_after_the_gpu() -> None:
 def test_plan_steps_in_order_with_every_output_under_the_folder(tmp_path) -> None:
     out, report = tmp_path / "results", tmp_path / "report"
     steps = validate.plan_steps("NVIDIA H200", out, report, python="/py/bin/python")
-    assert [step.name for step in steps] == ["tests", "sweep", "crosscheck", "report"]
-    tests, sweep, check, rep = steps
+    assert [step.name for step in steps] == ["tests", "sweep", "decode", "crosscheck", "report"]
+    tests, sweep, decode, check, rep = steps
     assert tests.child and tests.argv == ("/py/bin/python", "-m", "pytest", "-q", "-m", "cuda", "tests/")
     assert tests.output == out / "cuda-tests.txt"
     assert sweep.output == out / "sweep.jsonl" and check.output == out / "crosscheck.csv" and rep.output == report
-    assert all(step.output.parent == out for step in steps[:3])
+    assert all(step.output.parent == out for step in steps[:4])
+    assert decode.output == sweep.output  # one results file, one report
 
     def flags(step):
         return dict(zip(step.argv[1::2], step.argv[2::2], strict=False))
@@ -233,6 +234,8 @@ def test_plan_steps_in_order_with_every_output_under_the_folder(tmp_path) -> Non
         "--devices": "cuda",
         "--out": str(out / "sweep.jsonl"),
     }
+    assert flags(decode)["--modes"] == "decode" and flags(decode)["--seq-lens"] == "1024:65536:x4"
+    assert flags(decode)["--kv-heads"] == "same,1" and flags(decode)["--devices"] == "cuda"
     assert check.argv[0] == "crosscheck"
     assert flags(check)["--impls"] == "sdpa,full" and flags(check)["--seq-lens"] == "4096,16384"
     assert flags(check)["--devices"] == "cuda" and flags(check)["--dtypes"] == "bfloat16"
@@ -245,9 +248,10 @@ def test_plan_steps_in_order_with_every_output_under_the_folder(tmp_path) -> Non
 
 def test_plan_steps_quick_and_without_tests(tmp_path) -> None:
     steps = validate.plan_steps("NVIDIA H100 80GB HBM3", tmp_path, tmp_path / "r", skip_tests=True, quick=True)
-    assert [step.name for step in steps] == ["sweep", "crosscheck", "report"]
+    assert [step.name for step in steps] == ["sweep", "decode", "crosscheck", "report"]
     assert "1024:4096:x2" in steps[0].argv and "1024:32768:x2" not in steps[0].argv
-    assert "4096" in steps[1].argv and "4096,16384" not in steps[1].argv
+    assert "1024:4096:x4" in steps[1].argv and "1024:65536:x4" not in steps[1].argv
+    assert "4096" in steps[2].argv and "4096,16384" not in steps[2].argv
 
 
 def test_pytest_summary_line() -> None:
@@ -302,12 +306,12 @@ def test_run_steps_goes_on_after_a_failure_and_sums_up(tmp_path, monkeypatch) ->
     monkeypatch.setattr(bench.cli, "main", fake_main)
     lines: list[str] = []
     outcomes = validate.run_steps(steps, echo=lines.append)
-    assert calls == ["run", "crosscheck"]  # the report needs the sweep's results
-    assert [outcome.code for outcome in outcomes] == [2, 0, None]
+    assert calls == ["run", "run", "crosscheck"]  # the report needs the sweep's results
+    assert [outcome.code for outcome in outcomes] == [2, 2, 0, None]
     assert validate.exit_code(outcomes) == 1
     assert any(line.startswith("$ attnbench run --impls '*'") for line in lines)
     text = "\n".join(validate.summary(outcomes, gpu_name="NVIDIA H200", skip_tests=True))
     assert "tests: not run (--skip-tests)" in text
-    assert "sweep: FAILED (exit 2)" in text
+    assert "sweep: FAILED (exit 2)" in text and "decode: FAILED (exit 2)" in text
     assert "headline: not run: the sweep wrote no" in text
     assert "| sdpa | 4096 | fwd | cuda | bfloat16 |" in text and "| 0.952 | yes |" in text

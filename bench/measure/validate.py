@@ -5,8 +5,9 @@ The steps (``plan_steps``), each printed as it starts, every output under one fo
 1. the CUDA tests: ``python -m pytest -q -m cuda tests/`` in a child process, from the checkout this
    package lives in; the output goes to ``DIR/cuda-tests.txt`` (and to the screen), its summary line is kept;
 2. a CUDA sweep of every implementation (``attnbench run``, resumable) into ``DIR/sweep.jsonl``;
-3. the crosscheck of ``sdpa`` and ``full`` against independent timers into ``DIR/crosscheck.csv``;
-4. the report of the sweep (``attnbench report``) into ``reports/gpu/<slug>/``;
+3. decoding on CUDA (``--modes decode``, 8 and 1 key/value heads) into the same file;
+4. the crosscheck of ``sdpa`` and ``full`` against independent timers into ``DIR/crosscheck.csv``;
+5. the report of the sweep (``attnbench report``) into ``reports/gpu/<slug>/``;
 
 then a summary: the tests' result line, the report's path, the crosscheck table. The ``attnbench`` steps
 run in this process through ``bench.cli.main``, the same code path as the command line. A step that
@@ -31,6 +32,8 @@ RESULTS_ROOT = Path("results/gpu")
 REPORTS_ROOT = Path("reports/gpu")
 SWEEP_SEQ_LENS = "1024:32768:x2"
 QUICK_SEQ_LENS = "1024:4096:x2"
+DECODE_SEQ_LENS = "1024:65536:x4"  # decoding: one token against caches of these lengths
+QUICK_DECODE_SEQ_LENS = "1024:4096:x4"
 CROSSCHECK_SEQ_LENS = "4096,16384"
 QUICK_CROSSCHECK_SEQ_LENS = "4096"
 # a pytest summary line: "12 passed, 3 skipped in 4.20s" (possibly between '=' rules)
@@ -93,6 +96,10 @@ def plan_steps(
         "run", "--impls", "*", "--seq-lens", seq_lens, "--modes", "fwd,fwd+bwd", "--dtypes", "bfloat16,float32",
         "--devices", "cuda", "--out", str(sweep),
     )  # fmt: skip
+    decode_argv = (
+        "run", "--impls", "*", "--seq-lens", QUICK_DECODE_SEQ_LENS if quick else DECODE_SEQ_LENS, "--modes", "decode",
+        "--kv-heads", "same,1", "--dtypes", "bfloat16", "--devices", "cuda", "--out", str(sweep),
+    )  # fmt: skip
     crosscheck_argv = (
         "crosscheck", "--impls", "sdpa,full", "--seq-lens", QUICK_CROSSCHECK_SEQ_LENS if quick else CROSSCHECK_SEQ_LENS,
         "--modes", "fwd,fwd+bwd", "--devices", "cuda", "--dtypes", "bfloat16", "--out", str(crosscheck),
@@ -102,6 +109,12 @@ def plan_steps(
             "sweep",
             f"a CUDA sweep of every implementation on {gpu_name}, {seq_lens} tokens (resumable)",
             sweep_argv,
+            sweep,
+        ),
+        Step(
+            "decode",
+            "decoding on CUDA: one token against caches of growing length, 8 and 1 key/value heads (bfloat16)",
+            decode_argv,
             sweep,
         ),
         Step(
@@ -206,7 +219,7 @@ def summary(outcomes: list[Outcome], *, gpu_name: str, skip_tests: bool) -> list
         lines.append("tests: not run (--skip-tests)" if skip_tests else "tests: not run")
     else:
         lines.append(f"tests: {tests.note} (exit {tests.code}; output in {tests.step.output})")
-    for name in ("sweep", "report"):
+    for name in ("sweep", "decode", "report"):
         outcome = by_name.get(name)
         if outcome is None:
             continue
