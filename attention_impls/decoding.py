@@ -32,6 +32,11 @@ class DecodeCache:
     capacity: int  # tokens it has room for
     tensors: dict[str, torch.Tensor]  # its buffers, by name (the KV cache's "k" and "v")
 
+    def check_room(self) -> None:
+        """ValueError unless one more token fits: call before a step writes into the buffers."""
+        if self.length >= self.capacity:
+            raise ValueError(f"the cache is full ({self.capacity} tokens)")
+
     def nbytes(self) -> int:
         """Bytes of its buffers (what a decode case records as ``cache_bytes``)."""
         return sum(t.nelement() * t.element_size() for t in self.tensors.values())
@@ -56,8 +61,7 @@ def kv_append(cache: DecodeCache, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     Returns the keys and values of every token, the new one last (views (batch, kv_heads, length + 1,
     head_dim)), and the cache holding it.
     """
-    if cache.length >= cache.capacity:
-        raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+    cache.check_room()
     slot = cache.length
     keys, values = cache.tensors["k"], cache.tensors["v"]
     keys[:, :, slot : slot + 1] = k

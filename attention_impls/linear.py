@@ -355,8 +355,7 @@ class LinearAttention(AttentionModule):
         return DecodeCache(length=k.shape[2], capacity=capacity, tensors={"state": state})
 
     def decode_step(self, q, k, v, cache):
-        if cache.length >= cache.capacity:
-            raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+        cache.check_room()
         state = cache.tensors["state"]  # (batch, kv_heads, head_dim, head_dim + 1)
         phi = feature_map(self.config.feature_map)
         phi_k = phi(k).to(state.dtype)  # (batch, kv_heads, 1, head_dim)

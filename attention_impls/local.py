@@ -250,8 +250,7 @@ class LocalAttention(AttentionModule):
         return DecodeCache(length=length, capacity=capacity, tensors=ring)
 
     def decode_step(self, q, k, v, cache):
-        if cache.length >= cache.capacity:
-            raise ValueError(f"the cache is full ({cache.capacity} tokens)")
+        cache.check_room()
         keys, values = cache.tensors["k"], cache.tensors["v"]  # (batch, kv_heads, slots, head_dim)
         slots = keys.shape[2]
         slot = cache.length % slots  # the oldest token's slot: out of the new token's window

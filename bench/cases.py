@@ -297,7 +297,8 @@ def expand_grid(
 ) -> list[Case]:
     """Every combination, ordered so each curve runs from short to long (the runner may stop a curve early).
 
-    A decode step has one query: decode cases are made once, for self-attention's q_len (0) only.
+    Each case once: two values that name one shape (``kv_heads`` equal to ``heads`` and 0) give one case. A
+    decode step has one query: decode cases are made once, for self-attention's q_len (0) only.
     """
     if scope == "attention":
         depths, residuals = (1,), ("standard",)
@@ -326,4 +327,4 @@ def expand_grid(
                 params=tuple(sorted(params.items())),
             )
         )
-    return cases
+    return list(dict.fromkeys(cases))  # Case normalizes a shape to one key; the first place is kept

@@ -43,8 +43,12 @@ def build(spec: ImplSpec, seq_len: int, *, dtype: torch.dtype = torch.float64, s
 
 
 def run(spec: ImplSpec, q, k, v, *, causal: bool, seed: int = 0) -> torch.Tensor:
-    """Build for q's length and call, both after seeding torch's RNG with ``seed``."""
-    module = build(spec, q.shape[2], dtype=q.dtype, seed=seed)
+    """Build for the inputs' shapes (q's heads and length, k's heads and length) and call, both after seeding
+    torch's RNG with ``seed``."""
+    torch.manual_seed(seed)
+    module = spec.build(
+        seq_len=k.shape[2], heads=q.shape[1], head_dim=q.shape[3], q_len=q.shape[2], kv_heads=k.shape[1], dtype=q.dtype
+    )
     torch.manual_seed(seed)
     return module(q, k, v, causal=causal)
 

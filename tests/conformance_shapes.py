@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from attention_impls import ImplSpec, get
-from conformance import APPROX_TOLERANCE, EXACT_TOLERANCE, HEAD_DIM
+from conformance import APPROX_TOLERANCE, EXACT_TOLERANCE, HEAD_DIM, run
 from reference import reference_attention, rel_error
 
 BATCH = 2
@@ -42,17 +42,6 @@ def _inputs(*, heads: int, kv_heads: int, q_len: int, kv_len: int, seed: int = 0
     k = _tensor(gen, BATCH, kv_heads, kv_len, HEAD_DIM)
     v = _tensor(gen, BATCH, kv_heads, kv_len, HEAD_DIM, shift=1.0)
     return q, k, v
-
-
-def _run(spec: ImplSpec, q, k, v, *, causal: bool, seed: int = 0) -> torch.Tensor:
-    """Build for these shapes and call, both after seeding torch's RNG with ``seed``."""
-    torch.manual_seed(seed)
-    module = spec.build(
-        seq_len=k.shape[2], heads=q.shape[1], head_dim=HEAD_DIM, q_len=q.shape[2], kv_heads=k.shape[1], dtype=q.dtype
-    )
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return module(q, k, v, causal=causal)
 
 
 def _reason(spec: ImplSpec, *, causal: bool, heads: int, kv_heads: int, q_len: int, kv_len: int, decode=False):
@@ -107,9 +96,9 @@ def check_grouped_heads(impl: str | ImplSpec, *, causal: bool, seq_len: int = 67
             f"{spec.name} claims grouped heads but refuses them: {_reason(spec, **shape)}"
         )
         q, k, v = _inputs(heads=HEADS, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
-        out = _run(spec, q, k, v, causal=causal)
+        out = run(spec, q, k, v, causal=causal)
         group = HEADS // kv_heads
-        repeated = _run(spec, q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), causal=causal)
+        repeated = run(spec, q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), causal=causal)
         what = f"kv_heads={kv_heads} causal={causal}"
         _check_close(spec, out, repeated, what=f"{what}, against k and v repeated per query head")
         _check_exact(spec, out, q, k, v, causal=causal, what=what)
@@ -132,13 +121,13 @@ def check_cross_lengths(impl: str | ImplSpec, *, causal: bool) -> None:
             assert q_len > kv_len, f"{spec.name} claims cross lengths but refuses q_len={q_len} < {kv_len}: {reason}"
             continue
         q, k, v = _inputs(heads=HEADS, kv_heads=HEADS, q_len=q_len, kv_len=kv_len)
-        out = _run(spec, q, k, v, causal=causal)
+        out = run(spec, q, k, v, causal=causal)
         what = f"q_len={q_len} kv_len={kv_len} causal={causal}"
         _check_exact(spec, out, q, k, v, causal=causal, what=what)
         if q_len <= kv_len:
             offset = kv_len - q_len
             earlier = _inputs(heads=HEADS, kv_heads=HEADS, q_len=offset, kv_len=1, seed=1)[0]  # queries before
-            own = _run(spec, torch.cat([earlier, q], dim=2), k, v, causal=causal)[:, :, offset:]
+            own = run(spec, torch.cat([earlier, q], dim=2), k, v, causal=causal)[:, :, offset:]
             _check_close(spec, out, own, what=f"{what}, against the last rows of its self-attention")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attention_impls import AttentionModule, EmptyConfig, ImplSpec
-from attention_impls.decoding import kv_append, kv_prefill
+from attention_impls.decoding import KVCacheDecoding, kv_append
 from attention_impls.full import full_attention
 
 
@@ -16,7 +16,7 @@ def _spec(cls: type[AttentionModule]) -> ImplSpec:
     return ImplSpec(name=cls.__name__.lower(), module_cls=cls, config=EmptyConfig(), source="tests", origin=__file__)
 
 
-class Correct(AttentionModule):
+class Correct(KVCacheDecoding, AttentionModule):
     """Full attention with grouped heads, cross lengths and a KV cache, as the built-in ``full``."""
 
     family = "broken"
@@ -25,21 +25,13 @@ class Correct(AttentionModule):
     memory_complexity = "O(n^2)"
     supports_grouped_heads = True
     supports_cross = True
-    supports_decode = True
 
     def forward(self, q, k, v, *, causal=False):
         return full_attention(q, k, v, causal=causal)
 
-    def prefill(self, k, v, *, capacity):
-        return kv_prefill(k, v, capacity=capacity)
-
-    def decode_step(self, q, k, v, cache):
-        keys, values, cache = kv_append(cache, k, v)
-        return full_attention(q, keys, values), cache
-
-    @classmethod
-    def cache_bytes(cls, config, *, batch, heads, kv_heads, seq_len, head_dim, itemsize):
-        return 2.0 * batch * kv_heads * seq_len * head_dim * itemsize
+    @staticmethod
+    def attend_cache(q, keys, values):
+        return full_attention(q, keys, values)
 
 
 class DecodeOffByOne(Correct):

@@ -201,13 +201,16 @@ def _skip_unsupported(name: str, *, seq_len: int, causal: bool, dtype: str) -> N
 
 
 def _run_on_cuda(name: str, q, k, v, *, causal: bool, dtype: str, seed: int = 0) -> torch.Tensor:
-    """Build on the device in ``dtype`` (as the worker does) and call on the inputs cast to it, after seeding."""
+    """Build for the inputs' shapes on the device in ``dtype`` (as the worker does) and call on the inputs cast
+    to it, after seeding."""
     spec = get(name)
     torch.manual_seed(seed)
     module = spec.build(
-        seq_len=q.shape[2],
-        heads=conformance.HEADS,
-        head_dim=conformance.HEAD_DIM,
+        seq_len=k.shape[2],
+        heads=q.shape[1],
+        head_dim=q.shape[3],
+        q_len=q.shape[2],
+        kv_heads=k.shape[1],
         device="cuda",
         dtype=TORCH_DTYPES[dtype],
     )
@@ -298,10 +301,8 @@ def test_grouped_heads_and_cross_lengths_on_cuda(name: str, causal: bool, dtype:
     q = torch.randn(2, 8, 130, conformance.HEAD_DIM, generator=gen, dtype=torch.float64).to(TORCH_DTYPES[dtype])
     k, v = (torch.randn(2, 2, 300, conformance.HEAD_DIM, generator=gen, dtype=torch.float64) for _ in range(2))
     k, v = k.to(TORCH_DTYPES[dtype]), v.to(TORCH_DTYPES[dtype])
-    torch.manual_seed(0)
-    module = spec.build(seq_len=300, head_dim=conformance.HEAD_DIM, device="cuda", dtype=TORCH_DTYPES[dtype], **shape)
     with torch.no_grad():
-        out = module(*(x.to("cuda") for x in (q, k, v)), causal=causal)
+        out = _run_on_cuda(name, q, k, v, causal=causal, dtype=dtype)
     assert out.shape == q.shape and out.device.type == "cuda" and torch.isfinite(out).all()
     error = rel_error(out.cpu(), reference_attention(q, k, v, causal=causal))
     tolerance = EXACT_TOLERANCE[dtype] if spec.exact else conformance.APPROX_TOLERANCE

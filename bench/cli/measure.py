@@ -55,13 +55,13 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
     depths = tuple(grid.parse_int(d, what="a depth") for d in args.depths.split(",") if d.strip())
     if not depths or min(depths) < 1:
         raise grid.GridError(f"--depths must be positive integers, got {args.depths!r}")
-    kv_heads = grid.parse_counts(args.kv_heads, what="--kv-heads", same="as many as --heads")
-    kv_heads = tuple(dict.fromkeys(0 if count == args.heads else count for count in kv_heads))  # one name each
+    kv_heads = tuple(grid.parse_counts(args.kv_heads, what="--kv-heads", same="as many as --heads"))
     for count in kv_heads:
         if count and args.heads % count:
             raise grid.GridError(f"--kv-heads must divide --heads ({args.heads}), got {count}")
     q_lens = tuple(grid.parse_counts(args.q_lens, what="--q-lens", same="self-attention"))
-    if args.scope == "layers" and (any(kv_heads) or any(q_lens)):
+    grouped = any(count not in (0, args.heads) for count in kv_heads)  # fewer key/value heads than heads
+    if args.scope == "layers" and (grouped or any(q_lens)):
         raise grid.GridError("--kv-heads and --q-lens are for --scope attention (the layer stack is self-attention)")
     modes = tuple(grid.parse_list(args.modes, allowed=grid.MODES, what="mode"))
     if args.scope == "layers" and "decode" in modes:

@@ -4,6 +4,9 @@ layer stacks by depth, approximation errors, where curves stopped, and how well 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pandas as pd
 
 from bench.report.analysis import Analysis
@@ -91,28 +94,50 @@ def by_length_sections(an: Analysis) -> list[str]:
     return lines
 
 
-def layers_section(an: Analysis) -> list[str]:
-    layers = an.layers
-    if layers.empty:
-        return []
-    depths = sorted(layers["depth"].unique())
-    name_columns = curve_name_columns(layers)
-    headers = [*(COLUMN_HEADERS[c] for c in name_columns), "n", "residual", *(f"depth {d}" for d in depths)]
+def _across_table(
+    frame: pd.DataFrame,
+    *,
+    across: str,
+    values: list,
+    value_header: Callable[[Any], str],
+    extra: tuple[str, ...],
+    cell: Callable[[dict[str, Any]], str],
+) -> str:
+    """Rows: the cases that differ only in ``across``; columns: the curve's name, ``extra`` columns (``n``,
+    ``residual``), then one per value of ``across``; a cell is ``cell(row)``, or the status where it did not run."""
+    name_columns = [c for c in curve_name_columns(frame) if c != across]
+    extra_headers = ["n" if c == "seq_len" else c for c in extra]
+    headers = [*(COLUMN_HEADERS[c] for c in name_columns), *extra_headers, *(value_header(v) for v in values)]
+    group_columns = [*(c for c in CURVE_COLUMNS if c not in (across, *extra)), *extra]
     rows = []
-    group_columns = [*[c for c in CURVE_COLUMNS if c not in ("depth", "residual")], "seq_len", "residual"]
-    for _, group in layers.groupby(group_columns, sort=True):
+    for _, group in frame.groupby(group_columns, sort=True):
         first = group.iloc[0].to_dict()
-        by_depth = {row["depth"]: row for row in group.to_dict("records")}
-        cells = [cell_text(first, c) for c in name_columns] + [str(first["seq_len"]), first["residual"]]
-        for depth in depths:
-            row = by_depth.get(depth)
+        by_value = {row[across]: row for row in group.to_dict("records")}
+        cells = [cell_text(first, c) for c in name_columns] + [str(first[c]) for c in extra]
+        for value in values:
+            row = by_value.get(value)
             if row is None:
                 cells.append("")
             elif row["status"] != "ok":
                 cells.append(STATUS_LABELS[row["status"]])
             else:
-                cells.append(f"{fmt_sig(row['peak_bytes'] / MIB)} MiB / {fmt_sig(row['median_s'] * 1e3)} ms")
+                cells.append(cell(row))
         rows.append(cells)
+    return markdown_table(headers, rows)
+
+
+def layers_section(an: Analysis) -> list[str]:
+    layers = an.layers
+    if layers.empty:
+        return []
+    table = _across_table(
+        layers,
+        across="depth",
+        values=sorted(layers["depth"].unique()),
+        value_header=lambda depth: f"depth {depth}",
+        extra=("seq_len", "residual"),
+        cell=lambda row: f"{fmt_sig(row['peak_bytes'] / MIB)} MiB / {fmt_sig(row['median_s'] * 1e3)} ms",
+    )
     return _section(
         "Layer stacks",
         "Peak memory and median time of a stack of transformer layers by depth, standard against reversible "
@@ -122,38 +147,28 @@ def layers_section(an: Analysis) -> list[str]:
         "about 12·d² weights per layer (four projections and a feed-forward of width 4d; d = heads × head_dim: "
         "12 MB per layer in float32 at d = 512), "
         "so a reversible stack is flattest where activations dominate, at long sequences.",
-        markdown_table(headers, rows),
+        table,
     )
 
 
 def grouped_heads_section(an: Analysis) -> list[str]:
-    table = an.grouped_heads
-    if table.empty:
+    grouped = an.grouped_heads
+    if grouped.empty:
         return []
-    counts = sorted(table["kv_heads"].unique(), reverse=True)
-    name_columns = [c for c in curve_name_columns(table) if c != "kv_heads"]
-    headers = [*(COLUMN_HEADERS[c] for c in name_columns), "n", *(f"{k} kv heads" for k in counts)]
-    rows = []
-    group_columns = [*(c for c in CURVE_COLUMNS if c != "kv_heads"), "seq_len"]
-    for _, group in table.groupby(group_columns, sort=True):
-        first = group.iloc[0].to_dict()
-        by_count = {row["kv_heads"]: row for row in group.to_dict("records")}
-        cells = [cell_text(first, c) for c in name_columns] + [str(first["seq_len"])]
-        for count in counts:
-            row = by_count.get(count)
-            if row is None:
-                cells.append("")
-            elif row["status"] != "ok":
-                cells.append(STATUS_LABELS[row["status"]])
-            else:
-                cells.append(f"{fmt_sig(row['median_s'] * 1e3)} ms / {fmt_sig(row['memory_bytes'] / MIB)} MiB")
-        rows.append(cells)
+    table = _across_table(
+        grouped,
+        across="kv_heads",
+        values=sorted(grouped["kv_heads"].unique(), reverse=True),
+        value_header=lambda count: f"{count} kv heads",
+        extra=("seq_len",),
+        cell=lambda row: f"{fmt_sig(row['median_s'] * 1e3)} ms / {fmt_sig(row['memory_bytes'] / MIB)} MiB",
+    )
     return _section(
         "Grouped key/value heads",
         "Median time and memory of one call with fewer key/value heads than query heads (grouped-query "
         "attention; 1: multi-query), at the same length: peak memory above the inputs for fwd and fwd+bwd, the "
         "cache's bytes for decode (the inputs, keys and values included, shrink with the key/value heads too).",
-        markdown_table(headers, rows),
+        table,
     )
 
 
