@@ -30,6 +30,8 @@ DTYPES_HELP = (
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MAX_SEQ_LEN = 1 << 24
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+# a sweep's --devices may also name every GPU at once
+_SWEEP_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+|:all)?)$")
 
 
 class GridError(ValueError):
@@ -224,14 +226,26 @@ def parse_list(text: str, *, allowed: Iterable[str], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def parse_devices(text: str) -> list[str]:
+def parse_devices(text: str, *, sweep: bool = False) -> list[str]:
+    """Device names, comma-separated; a sweep's may also say ``cuda:all`` (every GPU, one worker each)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise GridError("--devices is empty")
+    pattern, names = (
+        (_SWEEP_DEVICE_RE, "cpu, cuda, cuda:N, cuda:all or mps") if sweep else (_DEVICE_RE, "cpu, cuda, cuda:N or mps")
+    )
     for item in items:
-        if not _DEVICE_RE.match(item):
-            raise GridError(f"unknown device {item!r} (use cpu, cuda, cuda:N or mps)")
-    return list(dict.fromkeys(items))
+        if not pattern.match(item):
+            raise GridError(f"unknown device {item!r} (use {names})")
+    items = list(dict.fromkeys(items))
+    if "cuda:all" in items and len([item for item in items if item.startswith("cuda")]) > 1:
+        raise GridError("--devices cuda:all already names every GPU: name no other cuda device beside it")
+    return items
+
+
+def device_kind(device: str) -> str:
+    """What a case says it runs on: ``cuda`` for any GPU (``cuda:1``, ``cuda:all``); the lane says which one."""
+    return device.partition(":")[0]
 
 
 def parse_param_overrides(items: Iterable[str]) -> tuple[tuple[str, str, str], ...]:

@@ -20,6 +20,8 @@ MIN_SAMPLES_PER_PROCESS = 2
 # without --budget-gb, a case estimated above this share of the memory free at start is skipped
 BUDGET_FRACTION = 0.6
 DEFAULT_OUT = Path("results/sweep.jsonl")
+# what runs a sweep's cases (bench.measure.executor): worker processes on this machine, or Ray's cluster
+EXECUTORS = ("local", "ray")
 
 Check = Callable[[Any], str | None]
 
@@ -145,6 +147,25 @@ class SweepOptions:
         flag="--no-pin",
         help="do not pin the worker's threads to cores (pinned: one OpenMP thread per core, the worker on the first cores)",
     )
+    cpu_lanes: int = option(
+        1,
+        flag="--cpu-lanes",
+        help="CPU workers that run cases at the same time, each pinned to --threads cores of its own (disjoint)",
+        check=at_least(1),
+    )
+    executor: str = option(
+        "local",
+        flag="--executor",
+        help="local: a worker per device of this machine; ray: a Ray actor per device of the cluster "
+        "(pip install 'attnbench[ray]')",
+        check=one_of(EXECUTORS),
+    )
+    ray_address: str | None = option(
+        None,
+        flag="--ray-address",
+        help="--executor ray: the cluster to join (auto: the one running here; default: start a local instance)",
+        metavar="ADDRESS",
+    )
     force: bool = option(False, flag="--force", help="run again cases already in the results file")
     retry_failed: bool = option(
         False, flag="--retry-failed", help="run again cases that ended in error, timeout, oom or crashed"
@@ -154,6 +175,8 @@ class SweepOptions:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.ray_address is not None and self.executor != "ray":
+            raise OptionsError("--ray-address is for --executor ray")
 
     def budget_bytes(self, free_bytes: float) -> float:
         """The memory budget of one device, given what was free on it at start."""

@@ -196,9 +196,8 @@ def test_an_illegal_address_is_not_oom() -> None:
     assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
-def test_a_failed_accelerator_case_replaces_the_worker(monkeypatch, tmp_path) -> None:
-    from bench.measure import runner
-    from bench.options import SweepOptions
+def test_a_failed_accelerator_case_replaces_the_worker(monkeypatch) -> None:
+    from bench.measure.lanes import LaneWorker
 
     class FakeWorker:
         def __init__(self, status):
@@ -207,22 +206,24 @@ def test_a_failed_accelerator_case_replaces_the_worker(monkeypatch, tmp_path) ->
         def request(self, payload, *, timeout_s):
             return {"status": self.status, "message": "CUDA error: device-side assert triggered"}
 
-    sweep = runner.Sweep([], SweepOptions(out=tmp_path / "r.jsonl"), log=lambda line: None)
-    dropped = []
-    monkeypatch.setattr(sweep, "_drop_worker", lambda: dropped.append(True))
+    worker = LaneWorker(threads=1, cores=None, environ={})
+    stopped = []
+    monkeypatch.setattr(worker, "start", lambda: None)
+    monkeypatch.setattr(worker, "stop", lambda: stopped.append(True))
     try:
         for device, status, replaced in [
-            ("cuda:0", "error", True),
+            ("cuda", "error", True),
             ("mps", "oom", True),
-            ("cuda:0", "ok", False),
+            ("cuda", "ok", False),
             ("cpu", "error", False),  # a Python exception leaves a CPU worker healthy
         ]:
-            dropped.clear()
-            monkeypatch.setattr(sweep, "worker", lambda status=status: FakeWorker(status))
-            sweep._run_one(Case("sdpa", 64, device=device), None, 0)
-            assert bool(dropped) is replaced, (device, status)
+            stopped.clear()
+            worker._worker = FakeWorker(status)
+            assert worker.request({"op": "case"}, timeout_s=1, device=device)["status"] == status
+            assert bool(stopped) is replaced, (device, status)
     finally:
-        sweep.close()
+        worker._worker = None
+        worker.close()
 
 
 # ---------------------------------------------------------------- conditions in the records

@@ -54,7 +54,7 @@ def _cmd_crosscheck(args: argparse.Namespace) -> int:
     from bench.options import MeasureOptions, OptionsError
 
     try:
-        cases = plan_cases(request)
+        cases = plan_cases(request, by_kind=False)
         options = MeasureOptions(min_time_s=args.min_time)
     except (grid.GridError, RegistryError, OptionsError) as exc:
         raise UsageError(str(exc)) from None

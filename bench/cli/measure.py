@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -82,7 +83,7 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
         scope=args.scope,
         depths=depths,
         params=grid.parse_param_overrides(args.param),
-        devices=tuple(grid.parse_devices(args.devices)) if args.devices else None,
+        devices=tuple(grid.parse_devices(args.devices, sweep=True)) if args.devices else None,
         residuals=(
             tuple(grid.parse_list(args.residual, allowed=grid.RESIDUALS, what="residual")) if args.residual else None
         ),
@@ -104,15 +105,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (grid.GridError, OptionsError) as exc:
         raise UsageError(str(exc)) from None
 
+    if options.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--executor ray needs Ray, which is not installed: pip install 'attnbench[ray]'")
+
     from attention_impls.registry import RegistryError
-    from bench.measure.plan import plan_cases
+    from bench.measure.plan import default_devices, plan_cases
     from bench.measure.runner import Sweep, SweepError
 
     try:
         cases = plan_cases(request)
+        devices = list(request.devices or default_devices())
     except (grid.GridError, RegistryError) as exc:
         raise UsageError(str(exc)) from None
-    sweep = Sweep(cases, options, log=lambda line: print(line, file=sys.stderr))
+    sweep = Sweep(cases, options, devices=devices, log=lambda line: print(line, file=sys.stderr))
     try:
         summary = sweep.run(started=started)
     except (SweepError, ResultsError) as exc:
@@ -127,7 +132,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _add_option_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One flag per options field: its flag, default, help and type all come from the field."""
-    types = {"float": float, "int": int, "float | None": float, "int | None": int, "Path": Path, "str": str}
+    types = {
+        "float": float,
+        "int": int,
+        "float | None": float,
+        "int | None": int,
+        "Path": Path,
+        "str": str,
+        "str | None": str,
+    }
     for f in cli_fields(cls):
         meta = f.metadata
         help_text = meta["help"].replace("%", "%%")
@@ -154,7 +167,11 @@ def add_run_parser(sub) -> None:
     p.add_argument(
         "--seq-lens", default="256:16384:x2", help="list and/or ranges: 256,512 or 256:16384:x2 or 1024:8192:+1024"
     )
-    p.add_argument("--devices", help="cpu, cuda, cuda:1, mps, comma-separated (default: cuda, else mps, else cpu)")
+    p.add_argument(
+        "--devices",
+        help="cpu, cuda, cuda:1, cuda:all, mps, comma-separated; GPUs named together run in parallel, a case on each "
+        "(default: cuda, else mps, else cpu)",
+    )
     p.add_argument("--dtypes", help=grid.DTYPES_HELP)
     p.add_argument(
         "--modes",

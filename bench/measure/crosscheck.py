@@ -44,8 +44,8 @@ import torch
 from attention_impls import UnsupportedCase
 from bench.cases import Case
 from bench.measure.env import set_tf32
+from bench.measure.lanes import needs_new_worker
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
-from bench.measure.runner import needs_new_worker
 from bench.measure.timing import time_callable
 from bench.measure.worker import is_oom, prepare
 from bench.options import MeasureOptions
@@ -331,7 +331,7 @@ def run_crosscheck(
             request = {"op": "crosscheck", "case": case.to_dict(), "options": options.to_json(), "rounds": rounds}
             try:
                 result = CrosscheckResult.from_json(worker.request(request, timeout_s=timeout_s))
-                if needs_new_worker(case, result.status):  # a CUDA error may have broken the context
+                if needs_new_worker(case.device, result.status):  # a CUDA error may have broken the context
                     worker.close()
                     worker = None
             except (WorkerDied, WorkerTimeout) as exc:

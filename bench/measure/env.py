@@ -146,6 +146,8 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32
         "cuda_version": torch.version.cuda,
         "cudnn_version": None,
         "gpu_name": None,
+        "gpu_uuid": None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpu_driver": None,
         "tf32": tf32,
         "flop_convention": FLOP_CONVENTION,
@@ -158,6 +160,7 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32
     cuda_devices = [d for d in devices if d.startswith("cuda")]
     if cuda_devices and torch.cuda.is_available():
         env["gpu_name"] = torch.cuda.get_device_name(torch.device(cuda_devices[0]))
+        env["gpu_uuid"] = gpu_uuid(torch.device(cuda_devices[0]))
         env["gpu_driver"] = _nvidia_driver()
         env["cudnn_version"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if problems:
@@ -167,6 +170,15 @@ def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32
         for dtype in dtypes:
             env["peak_flops_per_s"][f"{device}/{dtype}"] = matmul_peak_flops(device, dtype, num_threads=num_threads)
     return {"env": env, "problems": []}
+
+
+def gpu_uuid(device: torch.device) -> str | None:
+    """The GPU's UUID as nvidia-smi writes it (``GPU-8f3c...``): which card measured a record."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except (AttributeError, RuntimeError):
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 def _nvidia_driver() -> str | None:

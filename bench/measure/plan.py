@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from attention_impls import registry
-from bench.cases import DEFAULT_DTYPES, Case, GridError, GridRequest, expand_grid
+from bench.cases import DEFAULT_DTYPES, Case, GridError, GridRequest, device_kind, expand_grid
 from bench.measure.env import TORCH_DTYPES
 
 # fwd+bwd keeps the forward's intermediates for the backward and adds gradients
@@ -80,10 +80,16 @@ def _non_default_params(names: list[str], request: GridRequest) -> dict[str, dic
     return chosen
 
 
-def plan_cases(request: GridRequest) -> list[Case]:
-    """Every case of the request, each curve from short to long; GridError or RegistryError on bad input."""
+def plan_cases(request: GridRequest, *, by_kind: bool = True) -> list[Case]:
+    """Every case of the request, each curve from short to long; GridError or RegistryError on bad input.
+
+    ``by_kind``: a sweep's cases say the kind of device (``cuda``), and its lanes which one measures them
+    (``bench.measure.lanes``), so one case is made for ``cuda:0,cuda:1``; the cross-check keeps the name given.
+    """
     names = resolve_impls(request.impls)
     devices = request.devices or default_devices()
+    if by_kind:
+        devices = tuple(dict.fromkeys(device_kind(device) for device in devices))
     cases: list[Case] = []
     for device, (name, params) in itertools.product(devices, _non_default_params(names, request).items()):
         # without --residual each implementation gets its own default (the Reformer: reversible)

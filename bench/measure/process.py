@@ -98,13 +98,6 @@ def pinned_cores(threads: int) -> list[int] | None:
     return sorted(os.sched_getaffinity(0))[: max(1, threads)]
 
 
-def pin_to_cores(threads: int) -> None:
-    """Confine this process to ``pinned_cores(threads)`` (Linux; elsewhere nothing)."""
-    cores = pinned_cores(threads)
-    if cores is not None:
-        os.sched_setaffinity(0, cores)
-
-
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
@@ -132,11 +125,11 @@ def die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
         os._exit(1)
 
 
-def _prepare_worker(*, threads: int, pin: bool, prctl: Callable[..., int] | None, parent_pid: int) -> None:
+def _prepare_worker(*, cores: list[int] | None, prctl: Callable[..., int] | None, parent_pid: int) -> None:
     """Run in the worker between fork and exec."""
     die_with_parent(prctl, parent_pid)
-    if pin:
-        pin_to_cores(threads)
+    if cores:
+        os.sched_setaffinity(0, cores)
 
 
 def cpu_list(cpus: list[int] | None) -> str | None:
@@ -154,14 +147,22 @@ def cpu_list(cpus: list[int] | None) -> str | None:
 class WorkerProcess:
     """One ``python -m bench.measure.worker`` child, spoken to in JSON lines."""
 
-    def __init__(self, *, threads: int, log_dir: Path, pin: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int,
+        log_dir: Path,
+        pin: bool = True,
+        cores: tuple[int, ...] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """``pin``: confined to ``cores`` (default: the first ``threads`` CPUs); ``environ``: default this process's."""
+        pinned = (list(cores) if cores is not None else pinned_cores(threads)) if pin else None
         self._log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=log_dir, delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--threads", str(threads)],
-            env=worker_environ(os.environ, pin=pin),
-            preexec_fn=functools.partial(
-                _prepare_worker, threads=threads, pin=pin, prctl=_prctl(), parent_pid=os.getpid()
-            ),
+            env=worker_environ(os.environ if environ is None else environ, pin=pin),
+            preexec_fn=functools.partial(_prepare_worker, cores=pinned, prctl=_prctl(), parent_pid=os.getpid()),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -1,5 +1,13 @@
 """The sweep: schedule cases on isolated worker processes, enforce time-outs and the memory budget, resume.
 
+The cases run on lanes (``bench.measure.lanes``: a worker per device, or per disjoint set of cores) that
+an executor provides (``bench.measure.executor``: ``local`` on this machine, ``ray`` on a cluster); this
+module decides what runs where and when, the same for every executor. Lanes run in parallel where their
+cores allow. A curve (every field of a case but ``seq_len``) runs on one kind of lane (lanes whose
+environments share an identity: one GPU model on one host, say), so its lengths are comparable, and in
+round 0 one length at a time, short to long, whichever lane of its kind is free: the early stop along a
+curve works when its lengths run on different workers. A case's record names its lane and executor.
+
 The sweep runs in rounds, ``processes`` of them (``--processes``): round 0 measures every case (time,
 memory, approximation error) from short to long, stopping a curve where it would fail; each later
 round measures again, in a fresh worker process and in the opposite order, the cases that round 0
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -32,11 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.cases import Case, GridError
+from bench.measure.executor import Executor, make_executor
+from bench.measure.lanes import Lane, LaneError
 from bench.measure.plan import estimate_bytes, impl_info, unsupported_reason
-from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, cpu_list, pinned_cores
+from bench.measure.process import cpu_list
 from bench.measure.timing import WARMUP_CALLS
 from bench.options import SweepOptions
 from bench.results import FAILED_STATUSES, Problem, ResultsWriter, env_identity, iter_records, summarize_problems
@@ -63,16 +70,19 @@ class SweepSummary:
     ran: int
     reused: int
     again: int = 0  # records of the later processes (rounds) of cases
+    lanes: int = 1  # lanes that ran cases side by side
 
     @property
     def overhead_share(self) -> float:
-        return 1.0 - self.measured_s / self.wall_s if self.wall_s > 0 else 0.0
+        """The share of the lanes' time outside measured calls (as if every lane were busy from start to end)."""
+        return 1.0 - self.measured_s / (self.wall_s * self.lanes) if self.wall_s > 0 else 0.0
 
     def lines(self) -> list[str]:
         counts = ", ".join(f"{status} {n}" for status, n in sorted(self.counts.items())) or "nothing run"
+        lanes = f" over {self.lanes} lanes" if self.lanes > 1 else ""
         return [
             f"cases: {self.ran} run, {self.reused} already done; {counts}; {self.again} timed again in later processes",
-            f"wall time {self.wall_s:.1f} s, inside measured calls {self.measured_s:.1f} s, "
+            f"wall time {self.wall_s:.1f} s, inside measured calls {self.measured_s:.1f} s{lanes}, "
             f"harness overhead {100 * self.overhead_share:.1f}%",
         ]
 
@@ -112,72 +122,114 @@ def read_finished(path: Path) -> tuple[list[Finished], list[str]]:
     return finished, problems
 
 
-def done_keys(finished: list[Finished], env: dict[str, Any], *, retry_failed: bool) -> set[tuple[str, int]]:
-    """(case key, process) of what was finished in a comparable environment (less the failures, to retry them)."""
-    identity = env_identity(env)
-    return {
-        (f.key, f.process)
-        for f in finished
-        if f.identity == identity and not (retry_failed and f.status in FAILED_STATUSES)
-    }
+def done_keys(finished: list[Finished], *, retry_failed: bool) -> set[tuple[tuple, str, int]]:
+    """(environment identity, case key, process) of what was finished (less the failures, to retry them)."""
+    return {(f.identity, f.key, f.process) for f in finished if not (retry_failed and f.status in FAILED_STATUSES)}
 
 
-def first_statuses(finished: list[Finished], env: dict[str, Any]) -> dict[str, str]:
-    """Per case key, how its latest process-0 record in a comparable environment ended."""
-    identity = env_identity(env)
-    return {f.key: f.status for f in finished if f.identity == identity and f.process == 0}
-
-
-def needs_new_worker(case: Case, status: str) -> bool:
-    """On an accelerator a case that ran and did not finish ok may leave the device context broken."""
-    return status not in ("ok", "skipped") and not case.device.startswith("cpu")
+def first_statuses(finished: list[Finished]) -> dict[tuple[tuple, str], str]:
+    """Per (environment identity, case key), how its latest process-0 record ended."""
+    return {(f.identity, f.key): f.status for f in finished if f.process == 0}
 
 
 class Sweep:
     """Runs a list of cases; see the module docstring."""
 
-    def __init__(self, cases: list[Case], options: SweepOptions, *, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cases: list[Case],
+        options: SweepOptions,
+        *,
+        log: Callable[[str], None],
+        devices: list[str] | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """``devices``: the lanes to run on, as ``--devices`` names them (default: the cases' devices)."""
         self.cases = cases
         self.options = options
         self.log = log
         self.run_id = uuid.uuid4().hex[:12]
-        self.threads = options.threads or psutil.cpu_count(logical=False) or 1
-        self._log_dir = Path(tempfile.mkdtemp(prefix="attnbench-"))
-        self._worker: WorkerProcess | None = None
-        # per curve (every field but seq_len): the last finished length and its outcome
+        devices = devices or list(dict.fromkeys(case.device for case in cases)) or ["cpu"]
+        self.executor = executor or make_executor(options.executor, devices, options)
+        self.lanes: list[Lane] = []
+        self._last_used: dict[str, int] = {}  # lane name -> when it was last given a case (spreads the work)
+        self._dispatched = 0
+        # per curve (every field but seq_len): the last finished length and its outcome, and the kind of lane
+        # (environment identity) that measures it
         self._curve_last: dict[tuple, tuple[int, str, float | None]] = {}
+        self._curve_kind: dict[tuple, tuple] = {}
 
-    # -- workers
-    def worker(self) -> WorkerProcess:
-        if self._worker is None or self._worker.proc.poll() is not None:
-            self._worker = WorkerProcess(threads=self.threads, log_dir=self._log_dir, pin=self.options.pin)
-        return self._worker
-
-    def _drop_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.kill()
-            self._worker.close()
-            self._worker = None
-
-    def probe_env(self) -> dict[str, Any]:
-        """Environment metadata and matmul peaks, measured by a worker; SweepError names what can not run."""
-        devices = sorted({case.device for case in self.cases})
-        dtypes = sorted({case.dtype for case in self.cases})
+    # -- lanes
+    def start_lanes(self) -> None:
+        """Lay the lanes out and probe each one's environment (SweepError names what can not run)."""
         try:
-            probe = self.worker().request(
-                {"op": "env", "devices": devices, "dtypes": dtypes, "options": self.options.measure.to_json()},
-                timeout_s=ENV_PROBE_TIMEOUT_S,
-            )
-        except (WorkerDied, WorkerTimeout) as exc:
-            self._drop_worker()
-            raise SweepError(f"the worker could not start: {exc}") from None
-        if probe["problems"]:
-            raise SweepError("; ".join(probe["problems"]))
-        return probe["env"]
+            self.lanes = self.executor.start()
+        except LaneError as exc:
+            raise SweepError(str(exc)) from None
+        requests = {}
+        for lane in self.lanes:
+            dtypes = sorted({case.dtype for case in self.cases if case.device == lane.device}) or ["float32"]
+            options = self.options.measure.to_json()
+            requests[lane.name] = {"op": "env", "devices": [lane.device], "dtypes": dtypes, "options": options}
+        problems = []
+        for lane, reply in self._run_all(requests, timeout_s=ENV_PROBE_TIMEOUT_S):
+            where = f"lane {lane.name}: " if len(self.lanes) > 1 else ""
+            if "env" not in reply:  # the worker died or hung
+                problems.append(f"{where}the worker could not start: {reply.get('message')}")
+                continue
+            problems += [f"{where}{problem}" for problem in reply["problems"]]
+            lane.env = reply["env"]
+            if lane.cores is not None:
+                lane.env["cpu_affinity"] = cpu_list(list(lane.cores))
+        if problems:
+            raise SweepError("; ".join(dict.fromkeys(problems)))
+
+    def _run_all(self, requests: dict[str, dict[str, Any]], *, timeout_s: float) -> list[tuple[Lane, dict[str, Any]]]:
+        """One request per lane, lanes whose cores overlap one after the other; the replies."""
+        waiting = [lane for lane in self.lanes if lane.name in requests]
+        busy: list[Lane] = []
+        replies = []
+        while waiting or busy:
+            for lane in list(waiting):
+                if not any(lane.conflicts(other) for other in busy):
+                    self.executor.submit(lane, requests[lane.name], timeout_s=timeout_s)
+                    busy.append(lane)
+                    waiting.remove(lane)
+            lane, reply = self.executor.next_result()
+            busy.remove(lane)
+            replies.append((lane, reply))
+        return replies
+
+    def _kind_lanes(self, case: Case, kind: tuple | None) -> list[Lane]:
+        """The lanes that may run ``case``: its device, and the kind of lane its curve runs on (once chosen)."""
+        return [
+            lane
+            for lane in self.lanes
+            if lane.device == case.device and (kind is None or env_identity(lane.env or {}) == kind)
+        ]
+
+    def _free_lane(self, case: Case, kind: tuple | None, busy: dict[str, Lane]) -> Lane | None:
+        """The idle lane, of those that may run ``case`` and share no cores with a busy one, used least lately."""
+        free = [
+            lane
+            for lane in self._kind_lanes(case, kind)
+            if lane.name not in busy and not any(lane.conflicts(other) for other in busy.values())
+        ]
+        return min(free, key=lambda lane: self._last_used.get(lane.name, -1), default=None)
+
+    def _assign_kinds(self, finished: list[Finished]) -> None:
+        """A curve with records already finished on a kind of lane this sweep has goes on there (resume)."""
+        identities = {env_identity(lane.env or {}) for lane in self.lanes}
+        by_key = {case.key(): case.family_key() for case in self.cases}
+        votes: dict[tuple, Counter] = {}
+        for f in finished:
+            if f.identity in identities and f.key in by_key:
+                votes.setdefault(by_key[f.key], Counter())[f.identity] += 1
+        for family, counter in votes.items():
+            self._curve_kind[family] = counter.most_common(1)[0][0]
 
     # -- scheduling decisions made before a case runs
-    def _skip_reason(self, case: Case, estimate: float, budget: dict[str, float]) -> str | None:
-        limit = budget.get(case.device)
+    def _skip_reason(self, case: Case, estimate: float, limit: float | None) -> str | None:
         if limit is not None and estimate > limit:
             return f"estimated {estimate / 2**30:.2f} GiB exceeds the budget of {limit / 2**30:.2f} GiB"
         last = self._curve_last.get(case.family_key())
@@ -198,43 +250,39 @@ class Sweep:
                 )
         return None
 
-    def _outcome(self, case: Case, env: dict[str, Any], budget: dict[str, float], process: int) -> dict[str, Any]:
-        """The measured fields of the case's record, or why it was skipped."""
-        peak = env["peak_flops_per_s"].get(f"{case.device}/{case.dtype}")
-        if process > 0:  # round 0 ran it to the end: only time it again
-            return self._run_one(case, peak, process)
+    def _budget(self, case: Case, kind: tuple | None) -> float | None:
+        """The memory budget of the lanes that may run ``case``: the least of theirs."""
+        limits = [
+            self.options.budget_bytes(free)
+            for lane in self._kind_lanes(case, kind)
+            if (free := (lane.env or {}).get("free_bytes", {}).get(case.device)) is not None
+        ]
+        return min(limits, default=None)
+
+    def _decide(self, case: Case, kind: tuple | None) -> dict[str, Any]:
+        """Round 0, before ``case`` runs: its estimate, and its status when it is not to run (unsupported, over
+        budget, a stopped curve)."""
         unsupported = unsupported_reason(case)  # checked first: estimates assume a config that can run
         if unsupported:
             return {"status": "skipped", "message": unsupported}
         estimate = estimate_bytes(case)
-        reason = self._skip_reason(case, estimate, budget)
-        result = {"status": "skipped", "message": reason} if reason else self._run_one(case, peak, process)
-        return {**result, "estimate_bytes": estimate}
+        reason = self._skip_reason(case, estimate, self._budget(case, kind))
+        return (
+            {"status": "skipped", "message": reason, "estimate_bytes": estimate}
+            if reason
+            else {"estimate_bytes": estimate}
+        )
 
-    def _run_one(self, case: Case, peak_flops_per_s: float | None, process: int) -> dict[str, Any]:
-        request = {
+    def _request(self, case: Case, lane: Lane, process: int) -> dict[str, Any]:
+        assert lane.env is not None
+        return {
             "op": "case",
             "case": case.to_dict(),
             "options": self.options.measure.to_json(),
-            "peak_flops_per_s": peak_flops_per_s,
+            "peak_flops_per_s": lane.env["peak_flops_per_s"].get(f"{case.device}/{case.dtype}"),
             "process": process,
             "processes": self.options.processes,
         }
-        try:
-            result = self.worker().request(request, timeout_s=self.options.timeout_s)
-            if needs_new_worker(case, result["status"]):
-                self._drop_worker()
-            return result
-        except WorkerTimeout:
-            self._drop_worker()
-            return {
-                "status": "timeout",
-                "message": f"passed the time-out of {self.options.timeout_s:g} s",
-                "wall_s": self.options.timeout_s,
-            }
-        except WorkerDied as exc:
-            self._worker = None
-            return {"status": exc.status, "message": exc.message}
 
     def run(self, *, started: float | None = None) -> SweepSummary:
         """Run what is not done yet; ``started`` (perf_counter) counts start-up in the wall time.
@@ -247,87 +295,145 @@ class Sweep:
             finished, problems = read_finished(opts.out)
             for line in summarize_problems(problems):
                 self.log(line)
-            env = self.probe_env()
-            env["cpu_affinity"] = cpu_list(pinned_cores(self.threads)) if opts.pin else env.get("cpu_affinity")
-            for line in device_lines(self.cases, env):
+            self.start_lanes()
+            for line in lane_lines(self.lanes, self.cases, executor=self.executor.name):
                 self.log(line)
-            done = set() if opts.force else done_keys(finished, env, retry_failed=opts.retry_failed)
-            first = {} if opts.force else first_statuses(finished, env)
-            budget = {device: opts.budget_bytes(free) for device, free in env["free_bytes"].items()}
-            counts: Counter = Counter()
-            measured_s = 0.0
-            ran = again = 0
-            todo = [case for case in self.cases if (case.key(), 0) not in done]
+            if not opts.force:
+                self._assign_kinds(finished)
+            done = set() if opts.force else done_keys(finished, retry_failed=opts.retry_failed)
+            first = {} if opts.force else first_statuses(finished)
+            state = _Tally()
 
-            def later_runs(may_run: Callable[[str], bool]) -> int:
-                """Records the later rounds will write for the cases ``may_run`` admits."""
-                keys = [case.key() for case in self.cases]
-                return sum(may_run(key) and (key, p) not in done for key in keys for p in range(1, opts.processes))
+            def kind_of(case: Case) -> tuple | None:
+                return self._curve_kind.get(case.family_key())
 
-            progress = _progress(len(todo) + later_runs(lambda key: True), quiet=opts.quiet)
+            def pending(process: int) -> list[Case]:
+                order = self.cases if process % 2 == 0 else self.cases[::-1]
+                todo = []
+                for case in order:
+                    kind, key = kind_of(case), case.key()
+                    if kind is not None and (kind, key, process) in done:
+                        continue
+                    if process > 0 and (kind is None or first.get((kind, key)) != "ok"):
+                        continue
+                    todo.append(case)
+                return todo
+
+            todo0 = pending(0)
+            reused = len(self.cases) - len(todo0)
+            later = sum(len(pending(p)) for p in range(1, opts.processes))
+            progress = _progress(len(todo0) + later, quiet=opts.quiet)
+
+            def record(case: Case, lane: Lane, process: int, result: dict[str, Any]) -> None:
+                base = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
+                where = {"lane": lane.name, "executor": self.executor.name, "env": lane.env}
+                writer.write({**base, **result, "process": process, "processes": opts.processes, **where})
+                state.measured_s += result.get("measured_s") or 0.0
+                if process == 0:
+                    state.ran += 1
+                    state.counts[result["status"]] += 1
+                    first[(env_identity(lane.env or {}), case.key())] = result["status"]
+                    if result["status"] != "skipped" or case.family_key() not in self._curve_last:
+                        self._curve_last[case.family_key()] = (case.seq_len, result["status"], result.get("median_s"))
+                else:
+                    state.again += 1
+                if result["status"] != "ok" and opts.quiet:
+                    self.log(f"{case.label()} [process {process}]: {result['status']}: {result.get('message')}")
+                progress.update(1)
+
             try:
                 for process in range(opts.processes):
-                    order = self.cases if process % 2 == 0 else self.cases[::-1]
-                    for case in order:
-                        key = case.key()
-                        if (key, process) in done or (process > 0 and first.get(key) != "ok"):
-                            continue
-                        progress.set_postfix_str(f"{case.label()} [process {process}]", refresh=True)
-                        result = self._outcome(case, env, budget, process)
-                        record = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
-                        writer.write({**record, **result, "process": process, "processes": opts.processes, "env": env})
-                        measured_s += result.get("measured_s") or 0.0
-                        if process == 0:
-                            ran += 1
-                            counts[result["status"]] += 1
-                            first[key] = result["status"]
-                            if result["status"] != "skipped" or case.family_key() not in self._curve_last:
-                                self._curve_last[case.family_key()] = (
-                                    case.seq_len,
-                                    result["status"],
-                                    result.get("median_s"),
-                                )
-                        else:
-                            again += 1
-                        if result["status"] != "ok" and opts.quiet:
-                            self.log(f"{case.label()} [process {process}]: {result['status']}: {result.get('message')}")
-                        progress.update(1)
+                    self._run_round(pending(process), process, record, progress)
                     if process == 0:  # the later rounds run only what round 0 finished ok
-                        progress.total = ran + later_runs(lambda key: first.get(key) == "ok")
+                        progress.total = state.ran + sum(len(pending(p)) for p in range(1, opts.processes))
                         progress.refresh()
-                    self._drop_worker()  # each round in a fresh process
+                    self.executor.fresh_workers()  # each round in fresh processes
             finally:
                 progress.close()
-                self._drop_worker()
+                self.executor.close()
         return SweepSummary(
-            counts=counts,
+            counts=state.counts,
             wall_s=time.perf_counter() - started,
-            measured_s=measured_s,
-            ran=ran,
-            reused=len(self.cases) - len(todo),
-            again=again,
+            measured_s=state.measured_s,
+            ran=state.ran,
+            reused=reused,
+            again=state.again,
+            lanes=len(self.lanes),
         )
 
+    def _run_round(self, cases: list[Case], process: int, record: Callable[..., None], progress) -> None:
+        """One round: each case on a free lane of its curve's kind; in round 0 a curve's lengths one at a time."""
+        waiting = list(cases)
+        busy: dict[str, Lane] = {}
+        running: dict[str, tuple[Case, dict[str, Any]]] = {}  # lane name -> its case and what round 0 decided
+        while waiting or running:
+            blocked: set[tuple] = {case.family_key() for case, _ in running.values()} if process == 0 else set()
+            for case in list(waiting):
+                family = case.family_key()
+                if family in blocked:
+                    continue
+                kind = self._curve_kind.get(family)
+                extra: dict[str, Any] = {}
+                if process == 0:
+                    blocked.add(family)  # a curve's later lengths wait for this one
+                    extra = self._decide(case, kind)
+                    lanes = self._kind_lanes(case, kind)
+                    if "status" in extra and lanes:  # skipped: recorded in the environment of its kind of lane
+                        self._curve_kind.setdefault(family, env_identity(lanes[0].env or {}))
+                        waiting.remove(case)
+                        record(case, lanes[0], process, extra)
+                        blocked.discard(family)
+                        continue
+                lane = self._free_lane(case, kind, busy)
+                if lane is None:
+                    continue
+                self._curve_kind.setdefault(family, env_identity(lane.env or {}))
+                self._dispatched += 1
+                self._last_used[lane.name] = self._dispatched
+                self.executor.submit(lane, self._request(case, lane, process), timeout_s=self.options.timeout_s)
+                busy[lane.name] = lane
+                running[lane.name] = (case, extra)
+                waiting.remove(case)
+                progress.set_postfix_str(f"{case.label()} [process {process}, {lane.name}]", refresh=True)
+            if not running:
+                if waiting:  # no lane can ever run them (none of their device)
+                    raise SweepError(f"no lane runs {waiting[0].device} cases")
+                break
+            lane, result = self.executor.next_result()
+            del busy[lane.name]
+            case, extra = running.pop(lane.name)
+            record(case, lane, process, {**result, **extra})
+
     def close(self) -> None:
-        self._drop_worker()
-        for path in self._log_dir.glob("*"):
-            path.unlink(missing_ok=True)
-        self._log_dir.rmdir()
+        self.executor.close()
 
 
-def device_lines(cases: list[Case], env: dict[str, Any]) -> list[str]:
-    """What the sweep runs on, a line per device: printed at the start of every run."""
+@dataclasses.dataclass
+class _Tally:
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    measured_s: float = 0.0
+    ran: int = 0
+    again: int = 0
+
+
+def lane_lines(lanes: list[Lane], cases: list[Case], *, executor: str) -> list[str]:
+    """What the sweep runs on, a line per lane: printed at the start of every run."""
     lines = []
-    for device in dict.fromkeys(case.device for case in cases):
-        dtypes = ", ".join(dict.fromkeys(case.dtype for case in cases if case.device == device))
-        if device.startswith("cuda"):
-            what = f"{env.get('gpu_name')}, driver {env.get('gpu_driver')}, CUDA {env.get('cuda_version')}"
-            what += f", TF32 {'on' if env.get('tf32') else 'off'}"
-        elif device == "mps":
+    for lane in lanes:
+        env = lane.env or {}
+        dtypes = ", ".join(dict.fromkeys(case.dtype for case in cases if case.device == lane.device))
+        if lane.device == "cuda":
+            what = f"{env.get('gpu_name')} {env.get('gpu_uuid')}, driver {env.get('gpu_driver')}, "
+            what += f"CUDA {env.get('cuda_version')}, TF32 {'on' if env.get('tf32') else 'off'}"
+        elif lane.device == "mps":
             what = "Apple GPU (MPS)"
         else:
             what = f"{env.get('cpu_model')}, {env.get('num_threads')} threads, affinity {env.get('cpu_affinity')}"
-        lines.append(f"device: {device} ({what}); dtypes: {dtypes}")
+        where = f"lane {lane.name} on {lane.host}" if len(lanes) > 1 or executor != "local" else "device:"
+        lines.append(f"{where} {lane.device} ({what}); dtypes: {dtypes}")
+    if len(lanes) > 1 or executor != "local":
+        count = f"{len(lanes)} lane" + ("s" if len(lanes) > 1 else "")
+        lines.append(f"{count} ({executor} executor); cases run in parallel where lanes share no cores")
     return lines
 
 
