@@ -103,8 +103,8 @@ def _torch_install_args() -> list[str]:
 _CHECK_CUDA_BUILD = "import torch; print('cuda' if torch.version.cuda else 'cpu')"
 
 
-def _install_project(session: nox.Session, *groups: str) -> None:
-    """torch for this machine, then the package (editable) and the named dependency groups, torch pinned."""
+def _install_project(session: nox.Session, *groups: str, extras: str = "") -> None:
+    """torch for this machine, then the package (editable, with ``extras``) and the named dependency groups, torch pinned."""
     session.install(*_torch_install_args())
     if _wants_cuda() and "cuda" not in str(session.run("python", "-c", _CHECK_CUDA_BUILD, silent=True)):
         session.error(
@@ -112,7 +112,7 @@ def _install_project(session: nox.Session, *groups: str) -> None:
             "offers one): set ATTNBENCH_TORCH_INDEX=https://download.pytorch.org/whl/cu128 and run again"
         )
     requirements = [req for group in groups for req in nox.project.dependency_groups(PYPROJECT, group)]
-    session.install(*CONSTRAINTS, "-e", ".", *requirements)
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]" if extras else ".", *requirements)
 
 
 def _slug(text: str) -> str:
@@ -145,9 +145,9 @@ def _machine() -> str:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the whole pytest suite (conformance, registry, runner, analysis); posargs go to pytest."""
-    _install_project(session, "test")
+    _install_project(session, "test", extras="ray")  # the ray executor is tested on a real local instance
     session.install(*CONSTRAINTS, PLUGIN)  # a real plugin distribution, found through its entry point
-    session.run("pytest", *session.posargs, env={"ATTNBENCH_REQUIRE_PLUGIN": "1"})
+    session.run("pytest", *session.posargs, env={"ATTNBENCH_REQUIRE_PLUGIN": "1", "ATTNBENCH_REQUIRE_RAY": "1"})
 
 
 def _out_path(args: list[str], default: str) -> str:

@@ -6,6 +6,7 @@ The outputs each row names must not exist afterwards (and files given as input a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -92,6 +93,31 @@ BAD_INPUTS = [
     ("threads-zero", [*RUN, "--threads", "0", "--out", OUT], "--threads must be an integer >= 1", [OUT]),
     ("min-samples-two", [*RUN, "--min-samples", "2", "--out", OUT], "--min-samples must be an integer >= 5", [OUT]),
     ("error-max-len-negative", [*RUN, "--error-max-len", "-1", "--out", OUT], "--error-max-len must be", [OUT]),
+    ("cpu-lanes-zero", [*RUN, "--cpu-lanes", "0", "--out", OUT], "--cpu-lanes must be an integer >= 1", [OUT]),
+    (
+        "cpu-lanes-past-the-cores",
+        [*RUN, "--cpu-lanes", "4096", "--threads", "1", "--out", OUT],
+        "4096 CPU lanes of 1 threads need 4096 CPUs",
+        [OUT],
+    ),
+    ("cpu-lanes-unpinned", [*RUN, "--cpu-lanes", "2", "--no-pin", "--out", OUT], "needs pinning", [OUT]),
+    ("cuda-all-and-one", [*RUN, "--devices", "cuda:all,cuda:1", "--out", OUT], "already names every GPU", [OUT]),
+    ("unknown-executor", [*RUN, "--executor", "dask", "--out", OUT], "invalid choice", [OUT]),
+    ("ray-address-local", [*RUN, "--ray-address", "auto", "--out", OUT], "--ray-address is for --executor ray", [OUT]),
+    # run: the executor's lanes, refused after Ray started, before any record (or, without Ray, at once)
+    *(
+        [
+            (
+                "ray-mps",
+                [*RUN, "--executor", "ray", "--devices", "mps", "--out", OUT],
+                "runs cpu and cuda lanes",
+                [OUT],
+            ),
+            ("ray-gpu-index", [*RUN, "--executor", "ray", "--devices", "cuda:1", "--out", OUT], "cuda:all", [OUT]),
+        ]
+        if importlib.util.find_spec("ray")
+        else [("ray-missing", [*RUN, "--executor", "ray", "--out", OUT], "pip install 'attnbench[ray]'", [OUT])]
+    ),
     # run: the results file
     ("out-missing-proc-dir", [*RUN, "--out", "/proc/nope/x.jsonl"], "cannot write /proc/nope/x.jsonl", []),
     ("out-in-proc", [*RUN, "--out", "/proc/x.jsonl"], "cannot write /proc/x.jsonl", []),

@@ -111,6 +111,7 @@ class RayExecutor:
         if ray.is_initialized():
             return
         address = self.options.ray_address
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's start-up notices would break one-line errors
         try:
             ray.init(
                 address=address,
@@ -128,18 +129,21 @@ class RayExecutor:
         """The lanes one node gets, from its Ray resources: its CPU lanes, a lane per GPU."""
         slots: list[LaneSlot] = []
         for device in self.devices:
-            kind = device_kind(device)
-            if kind == "cpu":
+            if device_kind(device) == "cpu":
                 slots += [LaneSlot("cpu")] * self.options.cpu_lanes
-            elif kind == "cuda":
-                if device not in ("cuda", "cuda:all"):
-                    raise LaneError(
-                        f"--executor ray gives each GPU of the cluster a lane: use --devices cuda:all, not {device}"
-                    )
-                slots += [LaneSlot("cuda")] * int(resources.get("GPU", 0))
             else:
-                raise LaneError(f"--executor ray runs cpu and cuda lanes, not {device}")
+                slots += [LaneSlot("cuda")] * int(resources.get("GPU", 0))
         return slots
+
+    def check_devices(self) -> None:
+        """What --executor ray can not run, refused before Ray starts."""
+        for device in self.devices:
+            if device_kind(device) not in ("cpu", "cuda"):
+                raise LaneError(f"--executor ray runs cpu and cuda lanes, not {device}")
+            if device.startswith("cuda:") and device != "cuda:all":
+                raise LaneError(
+                    f"--executor ray gives each GPU of the cluster a lane: use --devices cuda:all, not {device}"
+                )
 
     def actor_options(self, node_id: str, slot: LaneSlot) -> dict[str, Any]:
         """What the actor of ``slot`` asks Ray for: its node, and a GPU of its own for a GPU lane."""
@@ -159,6 +163,7 @@ class RayExecutor:
 
     def start(self) -> list[Lane]:
         ray = _ray()
+        self.check_devices()
         self._connect()
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         planned = [(node["NodeID"], slot) for node in nodes for slot in self.node_slots(node.get("Resources", {}))]

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class Results:
     paths: tuple[str, ...]
     problems: tuple[str, ...]  # lines skipped, one sentence each
     superseded: int  # records replaced by a later record of the same case in the same environment
+    # records per environment, executor, lane and GPU (bench.measure.lanes): where the cases ran
+    lanes: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @property
     def env_ids(self) -> list[str]:
@@ -233,6 +236,7 @@ def load_results(
     groups = CaseGroups()
     problems: list[str] = []
     envs: dict[str, dict[str, Any]] = {}
+    lanes: Counter = Counter()
     for path in names:
         for line_number, record, problem in iter_records(path):
             if problem is not None:
@@ -248,6 +252,8 @@ def load_results(
                 problems.append(f"{path}:{line_number}: {reason}; line skipped")
                 continue
             envs.setdefault(env_id_of(env), _environment_row(env))
+            if record.get("lane"):
+                lanes[(env_id_of(env), record.get("executor"), record["lane"], env.get("gpu_uuid"))] += 1
     rows = [
         record_row(record, path=path, line_number=line_number, complexities=complexities)
         for _key, record, (path, line_number) in groups
@@ -265,6 +271,10 @@ def load_results(
         paths=tuple(names),
         problems=tuple(problems),
         superseded=groups.superseded,
+        lanes=pd.DataFrame(
+            [(*key, count) for key, count in sorted(lanes.items(), key=lambda item: tuple(map(str, item[0])))],
+            columns=["env_id", "executor", "lane", "gpu_uuid", "records"],
+        ),
     )
 
 

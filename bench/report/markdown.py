@@ -125,7 +125,19 @@ def _environment_section(an: Analysis) -> list[str]:
     ]
     lines.append(markdown_table(headers, rows))
     lines += ["", "peaks: the machine's measured matmul FLOP/s per device and dtype (the roofline's ceiling)."]
-    return lines
+    return lines + _lanes_lines(an.results.lanes)
+
+
+def _lanes_lines(lanes) -> list[str]:
+    """Where the cases ran (records per lane), when a sweep ran on more than one lane or on Ray."""
+    if lanes.empty or (len(lanes) == 1 and set(lanes["executor"]) == {"local"}):
+        return []
+    rows = [
+        [f"`{row['env_id']}`", row["executor"] or "–", row["lane"], row["gpu_uuid"] or "–", str(row["records"])]
+        for row in lanes.to_dict("records")
+    ]
+    table = markdown_table(["env", "executor", "lane", "GPU UUID", "records"], rows)
+    return ["", "Where the cases ran: the records each lane (a worker on a device of its own) wrote.", "", table]
 
 
 def _peaks_text(text: str) -> str:
