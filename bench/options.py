@@ -163,7 +163,8 @@ class SweepOptions:
     ray_address: str | None = option(
         None,
         flag="--ray-address",
-        help="--executor ray: the cluster to join (auto: the one running here; default: start a local instance)",
+        help="--executor ray: the cluster to join (auto: the one started here with `ray start`; default: Ray's own "
+        "choice, RAY_ADDRESS or a cluster started here, else a new local instance)",
         metavar="ADDRESS",
     )
     force: bool = option(False, flag="--force", help="run again cases already in the results file")

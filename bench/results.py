@@ -97,7 +97,12 @@ RECORD_FIELDS = (
     Field("rel_error_peaked", "number", "the same on inputs with peaked attention"),
     Field("estimate_bytes", "number", "the memory the runner expected the case to need"),
     Field("wall_s", "number", "seconds the worker spent on the case, set-up included"),
-    Field("lane", "text", "the lane that measured it (bench.measure.lanes: cpu, cpu[2-3], cuda:1, ...)", False),
+    Field(
+        "lane",
+        "text",
+        "the lane that ran it (bench.measure.lanes: cpu, cpu[2-3], cuda:1, ...); none when skipped",
+        False,
+    ),
     Field("executor", "text", "what ran the sweep's cases: local or ray", False),
 )
 FIELD_NAMES = tuple(f.name for f in RECORD_FIELDS)

@@ -97,14 +97,14 @@ BAD_INPUTS = [
     (
         "cpu-lanes-past-the-cores",
         [*RUN, "--cpu-lanes", "4096", "--threads", "1", "--out", OUT],
-        "4096 CPU lanes of 1 threads need 4096 CPUs",
+        "4096 CPU lanes of 1 threads need 4096 cores",
         [OUT],
     ),
     ("cpu-lanes-unpinned", [*RUN, "--cpu-lanes", "2", "--no-pin", "--out", OUT], "needs pinning", [OUT]),
     ("cuda-all-and-one", [*RUN, "--devices", "cuda:all,cuda:1", "--out", OUT], "already names every GPU", [OUT]),
     ("unknown-executor", [*RUN, "--executor", "dask", "--out", OUT], "invalid choice", [OUT]),
     ("ray-address-local", [*RUN, "--ray-address", "auto", "--out", OUT], "--ray-address is for --executor ray", [OUT]),
-    # run: the executor's lanes, refused after Ray started, before any record (or, without Ray, at once)
+    # run: what the ray executor can not run, refused before Ray starts (or, without Ray, Ray is missing)
     *(
         [
             (

@@ -132,10 +132,10 @@ def test_crosscheck_times_a_cuda_case_by_every_method() -> None:
 # ---------------------------------------------------------------- faults in a CUDA sweep
 
 
-def _sweep(tmp_path, *args: str, **env: str) -> list[dict]:
+def _sweep(tmp_path, *args: str, devices: str = "cuda", **env: str) -> list[dict]:
     out = tmp_path / "cuda.jsonl"
     result = attnbench(
-        "run", *args, "--devices", "cuda", "--dtypes", "bfloat16", "--modes", "fwd", "--processes", "1",
+        "run", *args, "--devices", devices, "--dtypes", "bfloat16", "--modes", "fwd", "--processes", "1",
         "--min-time", "0.01", "--timeout", "120", "--quiet", "--out", str(out), **env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -166,6 +166,21 @@ def test_a_device_side_assert_fails_its_case_and_the_next_case_runs(tmp_path) ->
     assert fault["status"] in ("error", "crashed"), fault
     assert fault["message"] and "\n" not in fault["message"]
     assert by_impl["sdpa"]["status"] == "ok", by_impl["sdpa"]  # a sticky CUDA error did not follow it
+
+
+def test_every_gpu_is_a_lane_that_names_its_card(tmp_path) -> None:
+    """--devices cuda:all: a lane per GPU, each worker seeing its GPU alone; records name the lane and its UUID."""
+    records = _sweep(tmp_path, "--impls", "sdpa,full,linear,local", "--seq-lens", "256,512", devices="cuda:all")
+    count = torch.cuda.device_count()
+    assert len(records) == 8 and all(r["status"] == "ok" for r in records), records
+    assert {r["case"]["device"] for r in records} == {"cuda"}  # a case says the kind; its lane says which
+    lanes = {r["lane"] for r in records}
+    # each case goes to the lane used least lately: a lane never used first
+    assert lanes <= {f"cuda:{gpu}" for gpu in range(count)} and len(lanes) == min(count, 8), lanes
+    uuids = {r["lane"]: r["env"]["gpu_uuid"] for r in records}
+    assert all(uuid and uuid.startswith("GPU-") for uuid in uuids.values()), uuids
+    assert len(set(uuids.values())) == len(uuids)  # a card of its own each
+    assert all(r["env"]["gpu_name"] == torch.cuda.get_device_name(0) for r in records)
 
 
 # ---------------------------------------------------------------- the conformance suite on the device

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU lanes need two CPUs")
-def test_two_cpu_lanes_run_side_by_side_on_cores_of_their_own(tmp_path) -> None:
+def test_two_cpu_lanes_run_on_cores_of_their_own(tmp_path) -> None:
     out = tmp_path / "lanes.jsonl"
     first, second = sorted(os.sched_getaffinity(0))[:2]
     result = attnbench(

@@ -8,8 +8,8 @@ from bench import cases as grid
 from bench.measure.lanes import Lane, LaneError, LaneSlot, lane_slots, place, visible_device, worker_environ
 
 
-def _place(slots, *, cpus=16, physical=16, threads=None, pin=True, host="h"):
-    return place(slots, host=host, cpus=list(range(cpus)), physical_cores=physical, threads=threads, pin=pin)
+def _place(slots, *, cores=16, threads=None, pin=True, host="h"):
+    return place(slots, host=host, cores=list(range(cores)), threads=threads, pin=pin)
 
 
 def test_devices_name_one_lane_per_gpu_and_cpu_lanes_by_count() -> None:
@@ -81,32 +81,35 @@ def test_a_gpu_lane_sees_its_gpu_alone() -> None:
 
 
 def test_cpu_lanes_get_disjoint_cores_or_are_refused() -> None:
-    one = _place([LaneSlot("cpu")], physical=8)
+    one = _place([LaneSlot("cpu")], cores=8)
     assert [(lane.name, lane.cores, lane.threads) for lane in one] == [("cpu", tuple(range(8)), 8)]
-    two = _place([LaneSlot("cpu")] * 2, physical=8)
+    two = _place([LaneSlot("cpu")] * 2, cores=8)
     assert [(lane.name, lane.cores) for lane in two] == [("cpu[0-3]", (0, 1, 2, 3)), ("cpu[4-7]", (4, 5, 6, 7))]
     assert not two[0].conflicts(two[1])
     three = _place([LaneSlot("cpu")] * 3, threads=2)
     assert [lane.cores for lane in three] == [(0, 1), (2, 3), (4, 5)]
-    with pytest.raises(LaneError, match="3 CPU lanes of 6 threads need 18 CPUs; h lets the sweep use 16"):
+    with pytest.raises(LaneError, match="3 CPU lanes of 6 threads need 18 cores; h lets the sweep use 16"):
         _place([LaneSlot("cpu")] * 3, threads=6)
     with pytest.raises(LaneError, match="needs pinning"):
         _place([LaneSlot("cpu")] * 2, pin=False)
 
 
 def test_gpu_lanes_share_the_cores_and_a_cpu_lane_beside_them_runs_alone() -> None:
-    lanes = _place([LaneSlot("cpu"), *(LaneSlot("cuda", gpu) for gpu in range(8))], physical=16)
+    lanes = _place([LaneSlot("cpu"), *(LaneSlot("cuda", gpu) for gpu in range(8))], cores=16)
     cpu, gpus = lanes[0], lanes[1:]
     assert [lane.name for lane in gpus] == [f"cuda:{gpu}" for gpu in range(8)]
     assert [lane.cores for lane in gpus] == [(2 * i, 2 * i + 1) for i in range(8)]
     assert all(lane.threads == 2 for lane in gpus)
     assert not any(a.conflicts(b) for a in gpus for b in gpus if a is not b)  # GPUs run in parallel
-    assert all(cpu.conflicts(gpu) for gpu in gpus)  # the CPU lane's cores are theirs too
+    assert all(cpu.conflicts(gpu) and gpu.conflicts(cpu) for gpu in gpus)  # a CPU case runs alone beside them
+    # even when their cores are apart: a GPU worker's threads would share the CPU with the CPU case
+    small_cpu, *far_gpus = _place([LaneSlot("cpu"), LaneSlot("cuda", 0), LaneSlot("cuda", 1)], threads=2)
+    assert small_cpu.cores == (0, 1) and far_gpus[1].cores == (8, 9) and small_cpu.conflicts(far_gpus[1])
     # one GPU: pinned as a sweep always was, to the first --threads cores
-    (single,) = _place([LaneSlot("cuda", 0)], physical=16, threads=4)
+    (single,) = _place([LaneSlot("cuda", 0)], threads=4)
     assert single.cores == (0, 1, 2, 3) and single.threads == 4
     # more GPUs than cores: the shares wrap, and lanes on one core take turns
-    few = _place([LaneSlot("cuda", gpu) for gpu in range(4)], cpus=2, physical=2)
+    few = _place([LaneSlot("cuda", gpu) for gpu in range(4)], cores=2)
     assert [lane.cores for lane in few] == [(0,), (1,), (0,), (1,)]
     assert few[0].conflicts(few[2]) and not few[0].conflicts(few[1])
 
@@ -116,3 +119,26 @@ def test_unpinned_lanes_take_turns_and_other_hosts_never_conflict() -> None:
     assert a.cores is None and a.conflicts(b)
     elsewhere = _place([LaneSlot("cpu")], host="other")[0]
     assert not a.conflicts(elsewhere) and not elsewhere.conflicts(_place([LaneSlot("cpu")])[0])
+
+
+def test_lanes_are_laid_out_on_physical_cores(monkeypatch) -> None:
+    from bench.measure import lanes
+
+    # eight CPUs allowed, four cores with two hyperthreads each (0 and 4 are one core, as Linux numbers them)
+    monkeypatch.setattr(lanes.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(lanes, "_thread_siblings", lambda cpu: frozenset({cpu % 4, cpu % 4 + 4}))
+    assert lanes.usable_cores() == [0, 1, 2, 3]
+    # a restricted set (taskset, a container's cpuset): the default threads are the cores it allows
+    monkeypatch.setattr(lanes.os, "sched_getaffinity", lambda pid: {2, 6, 3}, raising=False)
+    assert lanes.usable_cores() == [2, 3]
+    (cpu,) = place([LaneSlot("cpu")], host="h", cores=lanes.usable_cores(), threads=None, pin=True)
+    assert cpu.cores == (2, 3) and cpu.threads == 2
+    assert lanes.parse_cpu_list("0-2,8") == [0, 1, 2, 8] and lanes.parse_cpu_list("x") == []
+
+
+def test_without_cpu_affinity_nothing_is_pinned() -> None:
+    # macOS: no sched_setaffinity; the executors pass pin=False
+    (cpu,) = place([LaneSlot("cpu")], host="h", cores=list(range(4)), threads=None, pin=False)
+    assert cpu.cores is None and cpu.threads == 4
+    with pytest.raises(LaneError, match="needs pinning"):
+        place([LaneSlot("cpu")] * 2, host="h", cores=list(range(4)), threads=1, pin=False)

@@ -112,5 +112,8 @@ def test_cases_spread_one_per_gpu_over_declared_gpus(tmp_path) -> None:
     assert len(records) == 8 and all(r["status"] == "ok" for r in records)
     lanes = Counter(r["lane"] for r in records)
     assert set(lanes) == {f"cuda:{gpu}" for gpu in range(FAKE_GPUS)}, lanes  # every GPU had cases
-    for record in records:  # the worker that measured it saw its lane's GPU alone
-        assert record["env"]["cuda_visible_devices"] == record["lane"].removeprefix("cuda:")
+    # the worker that measured a case (its probe, in the worker process) saw one GPU, its lane's, and no other
+    # lane's: Ray gave each actor a GPU of its own
+    seen = {r["lane"]: r["env"]["cuda_visible_devices"] for r in records}
+    assert sorted(seen.values()) == [str(gpu) for gpu in range(FAKE_GPUS)], seen
+    assert all(visible == lane.removeprefix("cuda:") for lane, visible in seen.items()), seen

@@ -145,3 +145,54 @@ def test_a_resumed_curve_goes_on_where_it_was_measured(tmp_path) -> None:
     full = [r for r in records if r["case"]["impl"] == "full"]
     assert [r["case"]["seq_len"] for r in full] == [64, 128, 256]  # 64 once: resumed, not run again
     assert {r["env"]["gpu_name"] for r in full} == {"A100"}
+
+
+def test_a_resumed_curve_stays_on_its_device(tmp_path) -> None:
+    """A file whose CPU records carry the GPU lane's environment (one probe for both devices, as sweeps wrote
+    before lanes): the CPU curve can not resume on the GPU lane; it runs again on the CPU lane."""
+    cpu = Lane("cpu", "cpu", "h", (0,), 1)
+    gpu = _gpu_lanes(1)[0]
+    cases = [
+        Case("full", n, device=device, dtype="float32", heads=2, head_dim=8)
+        for device in ("cpu", "cuda")
+        for n in (64, 128)
+    ]
+    before = {"cpu": _env("G1"), "cuda:0": _env("G1")}
+    _sweep(tmp_path, [cases[0], cases[2]], InstantExecutor([cpu, gpu], before, _ok), processes=1)
+    now = {"cpu": _env(None), "cuda:0": _env("G1")}  # the CPU lane's own probe has no GPU
+    again = InstantExecutor([cpu, gpu], now, _ok)
+    _, records = _sweep(tmp_path, cases, again, processes=1)
+    ran = sorted((r["case"]["device"], r["case"]["seq_len"], r["lane"]) for r in records[2:])
+    assert ran == [("cpu", 64, "cpu"), ("cpu", 128, "cpu"), ("cuda", 128, "cuda:0")]  # cuda at 64 resumed
+
+
+def test_a_new_curve_is_judged_by_the_budget_of_the_kind_that_takes_it(tmp_path) -> None:
+    from bench.measure.plan import estimate_bytes
+
+    lanes = _gpu_lanes(2)
+    big = Case("full", 4096, device="cuda", dtype="float32", heads=2, head_dim=8)
+    need = estimate_bytes(big)
+    small_env = {**_env("small"), "free_bytes": {"cuda": 0.5 * need / 0.6}}  # a budget of half the estimate
+    large_env = {**_env("large"), "free_bytes": {"cuda": 4 * need / 0.6}}
+    executor = InstantExecutor(lanes, {"cuda:0": small_env, "cuda:1": large_env}, _ok)
+    cases = [Case("full", n, device="cuda", dtype="float32", heads=2, head_dim=8) for n in (64, 4096)]
+    _, records = _sweep(tmp_path, cases, executor, processes=1)
+    # the curve went to the lane used least lately (cuda:0, the small card): its 4096 is over that card's budget,
+    # and the record says so in that card's environment, beside the curve's other length
+    by_len = {r["case"]["seq_len"]: r for r in records}
+    assert by_len[64]["lane"] == "cuda:0" and by_len[64]["env"]["gpu_name"] == "small"
+    assert by_len[4096]["status"] == "skipped" and "exceeds the budget" in by_len[4096]["message"]
+    assert by_len[4096]["env"]["gpu_name"] == "small" and by_len[4096]["lane"] is None  # skipped: ran on no lane
+
+
+def test_cpu_lanes_of_one_host_share_its_memory_budget(tmp_path) -> None:
+    from bench.measure.plan import estimate_bytes
+
+    case = Case("full", 2048, device="cpu", dtype="float32", heads=2, head_dim=8)
+    free = 1.5 * estimate_bytes(case) / 0.6  # alone, a budget of 1.5 times the estimate; shared by two, 0.75
+    lanes = [Lane(f"cpu[{i}]", "cpu", "h", (i,), 1) for i in range(2)]
+    envs = {lane.name: {**_env(), "free_bytes": {"cpu": free}} for lane in lanes}
+    _, records = _sweep(tmp_path, [case], InstantExecutor(lanes, envs, _ok), processes=1)
+    assert records[0]["status"] == "skipped" and "exceeds the budget" in records[0]["message"]
+    _, alone = _sweep(tmp_path / "alone", [case], InstantExecutor(lanes[:1], envs, _ok), processes=1)
+    assert alone[0]["status"] == "ok"

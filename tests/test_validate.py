@@ -231,11 +231,11 @@ def test_plan_steps_in_order_with_every_output_under_the_folder(tmp_path) -> Non
         "--seq-lens": "1024:32768:x2",
         "--modes": "fwd,fwd+bwd",
         "--dtypes": "bfloat16,float32",
-        "--devices": "cuda",
+        "--devices": "cuda:all",  # every GPU of the machine, a lane each
         "--out": str(out / "sweep.jsonl"),
     }
     assert flags(decode)["--modes"] == "decode" and flags(decode)["--seq-lens"] == "1024:65536:x4"
-    assert flags(decode)["--kv-heads"] == "same,1" and flags(decode)["--devices"] == "cuda"
+    assert flags(decode)["--kv-heads"] == "same,1" and flags(decode)["--devices"] == "cuda:all"
     assert check.argv[0] == "crosscheck"
     assert flags(check)["--impls"] == "sdpa,full" and flags(check)["--seq-lens"] == "4096,16384"
     assert flags(check)["--devices"] == "cuda" and flags(check)["--dtypes"] == "bfloat16"

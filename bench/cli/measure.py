@@ -109,6 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--executor ray needs Ray, which is not installed: pip install 'attnbench[ray]'")
 
     from attention_impls.registry import RegistryError
+    from bench.measure.lanes import LaneError
     from bench.measure.plan import default_devices, plan_cases
     from bench.measure.runner import Sweep, SweepError
 
@@ -120,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sweep = Sweep(cases, options, devices=devices, log=lambda line: print(line, file=sys.stderr))
     try:
         summary = sweep.run(started=started)
-    except (SweepError, ResultsError) as exc:
+    except (SweepError, LaneError, ResultsError) as exc:
         raise UsageError(str(exc)) from None
     finally:
         sweep.close()

@@ -19,15 +19,14 @@ import socket
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
-import psutil
-
 from bench.measure.lanes import (
     Lane,
     LaneError,
     LaneWorker,
+    can_pin,
     lane_slots,
     place,
-    usable_cpus,
+    usable_cores,
     visible_device,
     worker_environ,
 )
@@ -85,10 +84,9 @@ class LocalExecutor:
         lanes = place(
             slots,
             host=socket.gethostname(),
-            cpus=usable_cpus(),
-            physical_cores=psutil.cpu_count(logical=False) or 1,
+            cores=usable_cores(),
             threads=self.options.threads,
-            pin=self.options.pin,
+            pin=self.options.pin and can_pin(),
             visible=[visible_device(slot.gpu, os.environ) if slot.gpu is not None else None for slot in slots],
         )
         self._workers = {

@@ -1,14 +1,15 @@
 """Lanes: where a sweep's cases run, each lane one isolated worker on a device of its own.
 
 ``--devices`` names them: ``cpu`` is one lane on the first ``--threads`` cores (``--cpu-lanes N``: N lanes
-on disjoint core sets), ``cuda:0,cuda:1`` or ``cuda:all`` one lane per GPU (its worker sees that GPU
+on disjoint sets of physical cores), ``cuda:0,cuda:1`` or ``cuda:all`` one lane per GPU (its worker sees that GPU
 alone, as ``cuda``), ``mps`` one lane. A case says the kind of device (``cuda``); its record says which
 lane measured it (``lane``) and the lane's environment which host and GPU (``env.host``, ``env.gpu_uuid``).
 
-Two lanes of one host run at the same time only when their cores are disjoint: a CPU case never shares
-its cores with another case (that would corrupt both timings). GPU lanes of one host share its cores out
-among themselves (each worker's threads on cores of their own), so they run in parallel; a CPU lane
-beside them takes the first cores too, so it runs alone. Unpinned lanes (``--no-pin``) run one at a time.
+Two lanes of one host run at the same time only when their cores are disjoint (cores are physical: a
+lane never shares one through its hyperthreads): a CPU case never shares its cores with another case (that
+would corrupt both timings). GPU lanes of one host share its cores out among themselves (each worker's
+threads on cores of their own), so they run in parallel; a CPU lane runs alone beside them. Unpinned
+lanes (``--no-pin``, or no CPU affinity on the system) run one at a time.
 
 :class:`LaneWorker` holds a lane's worker process and turns what happens to a request into a result
 (``timeout``, ``crashed``, ``oom`` when the worker dies); the local executor runs one per lane, a Ray
@@ -25,6 +26,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, cpu_list
 
@@ -52,9 +55,12 @@ class Lane:
     env: dict[str, Any] | None = None  # its environment probe, once the sweep has asked
 
     def conflicts(self, other: Lane) -> bool:
-        """Whether the two may not run at the same time: one host and cores in common (or unpinned)."""
+        """Whether the two may not run at the same time: on one host, a CPU lane beside a lane of another device
+        (its case would share the CPU with that worker's threads), or cores in common (or unpinned)."""
         if self.host != other.host:
             return False
+        if (self.device == "cpu") != (other.device == "cpu"):
+            return True
         if self.cores is None or other.cores is None:
             return True
         return bool(set(self.cores) & set(other.cores))
@@ -98,57 +104,59 @@ def place(
     slots: list[LaneSlot],
     *,
     host: str,
-    cpus: list[int],
-    physical_cores: int,
+    cores: list[int],
     threads: int | None,
     pin: bool,
     visible: list[str | None] | None = None,
 ) -> list[Lane]:
-    """Lanes of one host: cores, threads and names for ``slots`` (``cpus``: the CPUs the sweep may use there).
+    """Lanes of one host: cores, threads and names for ``slots``.
 
-    CPU lanes get ``threads`` cores each (default: the physical cores shared out among them), disjoint, from
-    the first; GPU lanes share the CPUs out among themselves (threads: at most their share); an MPS lane is
-    pinned as a CPU lane. ``visible``: each slot's CUDA_VISIBLE_DEVICES when already set (a Ray actor's).
+    ``cores``: one CPU per physical core the sweep may use there (``usable_cores``), so no two lanes share a
+    core through its hyperthreads. CPU lanes get ``threads`` cores each (default: the cores shared out among
+    them), disjoint, from the first; GPU lanes share the cores out among themselves (threads: at most their
+    share); an MPS lane is pinned as a CPU lane. ``visible``: each slot's CUDA_VISIBLE_DEVICES when already
+    set (a Ray actor's). ``pin`` False (``--no-pin``, or no CPU affinity here): no lane is pinned.
     """
     cpu_slots = [slot for slot in slots if slot.device == "cpu"]
     gpu_slots = [slot for slot in slots if slot.device == "cuda"]
-    if cpu_slots:
-        per_lane = threads or max(1, physical_cores // len(cpu_slots))
-        if pin and len(cpu_slots) * per_lane > len(cpus):
+    per_cpu_lane = threads or max(1, len(cores) // max(1, len(cpu_slots)))
+    if len(cpu_slots) > 1:
+        if not pin:
             raise LaneError(
-                f"{len(cpu_slots)} CPU lanes of {per_lane} threads need {len(cpu_slots) * per_lane} CPUs; "
-                f"{host} lets the sweep use {len(cpus)}: lower --cpu-lanes or --threads"
+                "--cpu-lanes above 1 needs pinning (CPU affinity, on by default where the system has it): "
+                "lanes on shared cores would corrupt each other's timings"
             )
-        if not pin and len(cpu_slots) > 1:
+        if len(cpu_slots) * per_cpu_lane > len(cores):
             raise LaneError(
-                "--cpu-lanes above 1 needs pinning: lanes on shared cores would corrupt each other's timings"
+                f"{len(cpu_slots)} CPU lanes of {per_cpu_lane} threads need {len(cpu_slots) * per_cpu_lane} "
+                f"cores; {host} lets the sweep use {len(cores)}: lower --cpu-lanes or --threads"
             )
     lanes = []
     cpu_seen = gpu_seen = 0
     for position, slot in enumerate(slots):
         if slot.device == "cpu":
-            count = threads or max(1, physical_cores // len(cpu_slots))
-            cores = tuple(cpus[cpu_seen * count : (cpu_seen + 1) * count])
-            name = "cpu" if len(cpu_slots) == 1 else f"cpu[{cpu_list(list(cores))}]"
+            count = per_cpu_lane
+            mine = tuple(cores[cpu_seen * count : (cpu_seen + 1) * count])
+            name = "cpu" if len(cpu_slots) == 1 else f"cpu[{cpu_list(list(mine))}]"
             cpu_seen += 1
         elif slot.device == "cuda":
-            share = max(1, len(cpus) // len(gpu_slots))
-            count = min(threads or physical_cores, share)
-            start = (gpu_seen * share) % len(cpus)
-            cores = tuple(cpus[start : start + count])
+            share = max(1, len(cores) // len(gpu_slots))
+            count = min(threads or len(cores), share)
+            start = (gpu_seen * share) % len(cores)
+            mine = tuple(cores[start : start + count])
             name = f"cuda:{slot.gpu if slot.gpu is not None else gpu_seen}"
             gpu_seen += 1
         else:
-            count = threads or physical_cores
-            cores = tuple(cpus[:count])
+            count = threads or len(cores)
+            mine = tuple(cores[:count])
             name = slot.device
         lanes.append(
             Lane(
                 name=name,
                 device=slot.device,
                 host=host,
-                cores=cores if pin else None,
-                threads=max(1, len(cores)) if pin else count,
+                cores=mine if pin else None,
+                threads=max(1, len(mine)) if pin else count,
                 visible_devices=(visible[position] if visible else None) if slot.device == "cuda" else None,
             )
         )
@@ -218,8 +226,44 @@ def worker_environ(lane: Lane, environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def usable_cpus() -> list[int]:
-    """The CPUs this process may run on (all of them where affinity is unknown)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
+def usable_cores() -> list[int]:
+    """One CPU per physical core this process may run on (the first of its hyperthreads), in order.
+
+    Where the system has no CPU affinity (macOS), nominal numbers for the physical cores: lanes there are
+    not pinned (``can_pin``).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return list(range(psutil.cpu_count(logical=False) or os.cpu_count() or 1))
+    cores, seen = [], set()
+    for cpu in sorted(os.sched_getaffinity(0)):
+        siblings = _thread_siblings(cpu)
+        if siblings not in seen:
+            seen.add(siblings)
+            cores.append(cpu)
+    return cores
+
+
+def can_pin() -> bool:
+    """Whether workers can be confined to cores here (Linux)."""
+    return hasattr(os, "sched_setaffinity")
+
+
+def _thread_siblings(cpu: int) -> frozenset[int]:
+    """The CPUs that are hyperthreads of one core with ``cpu`` (Linux sysfs; ``{cpu}`` where unknown)."""
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return frozenset({cpu})
+    return frozenset(parse_cpu_list(text)) or frozenset({cpu})
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``0-3,8`` -> ``[0, 1, 2, 3, 8]`` (the kernel's CPU list format; malformed text gives [])."""
+    cpus: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            first, _, last = part.partition("-")
+            cpus += range(int(first), int(last or first) + 1)
+    except ValueError:
+        return []
+    return cpus

@@ -128,7 +128,7 @@ def die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
 def _prepare_worker(*, cores: list[int] | None, prctl: Callable[..., int] | None, parent_pid: int) -> None:
     """Run in the worker between fork and exec."""
     die_with_parent(prctl, parent_pid)
-    if cores:
+    if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
 
 

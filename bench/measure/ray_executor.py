@@ -15,6 +15,7 @@ running here, an address joins that one. Every node must have attnbench installe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -22,11 +23,9 @@ import socket
 import time
 from typing import Any
 
-import psutil
-
 import bench
 from bench.cases import device_kind
-from bench.measure.lanes import Lane, LaneError, LaneSlot, LaneWorker, place, usable_cpus
+from bench.measure.lanes import Lane, LaneError, LaneSlot, LaneWorker, can_pin, place, usable_cores
 from bench.options import SweepOptions
 from bench.results import first_line
 
@@ -34,6 +33,8 @@ from bench.results import first_line
 DRIVER_GRACE_S = 60.0
 # seconds for the actors to start and say where they are
 START_TIMEOUT_S = 300.0
+# seconds for the actors to end their workers and remove their log folders at the end of a sweep
+CLOSE_TIMEOUT_S = 30.0
 # environment variables the driver passes to every actor (a cluster's nodes do not share the driver's)
 FORWARDED_ENV_PREFIXES = ("ATTNBENCH_",)
 
@@ -48,8 +49,8 @@ class LaneHost:
         """Where this actor is: host, the CPUs it may use, its GPU (as Ray set it), attnbench's version."""
         return {
             "host": socket.gethostname(),
-            "cpus": usable_cpus(),
-            "physical_cores": psutil.cpu_count(logical=False) or 1,
+            "cores": usable_cores(),
+            "can_pin": can_pin(),
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "version": bench.__version__,
             "pid": os.getpid(),
@@ -72,6 +73,12 @@ class LaneHost:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+
+    def close(self) -> None:
+        """End the worker and remove its log folder (before the actor is killed)."""
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
 
 
 def _ray():
@@ -104,6 +111,7 @@ class RayExecutor:
         self._placement: dict[str, tuple[str, LaneSlot]] = {}  # lane name -> (node id, slot)
         self._lanes: dict[str, Lane] = {}
         self._running: dict[Any, tuple[Lane, float, float]] = {}  # object ref -> lane, deadline, time-out
+        self._starting: list[Any] = []  # actors made before the lanes are laid out
 
     # -- start
     def _connect(self) -> None:
@@ -172,16 +180,20 @@ class RayExecutor:
         ):
             raise LaneError("--devices cuda:all: the Ray cluster has no GPU")
         actors = [self._new_actor(node_id, slot) for node_id, slot in planned]
+        self._starting = actors  # killed by close() if the start fails
         try:
             described = ray.get([actor.describe.remote() for actor in actors], timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise LaneError(f"the Ray actors of the lanes did not start within {START_TIMEOUT_S:g} s") from None
+        except ray.exceptions.RayError as exc:  # attnbench missing on a node, a runtime environment that failed
+            raise LaneError(f"a lane's Ray actor could not start: {first_line(exc)}") from None
         for info in described:
             if info["version"] != bench.__version__:
                 raise LaneError(f"{info['host']} runs attnbench {info['version']}, this driver {bench.__version__}")
         lanes: list[Lane] = []
-        hosts = {info["host"] for info in described}
-        for node_id in dict.fromkeys(node_id for node_id, _ in planned):
+        node_ids = list(dict.fromkeys(node_id for node_id, _ in planned))
+        hosts = [described[[nid for nid, _ in planned].index(node_id)]["host"] for node_id in node_ids]
+        for node_id, host in zip(node_ids, hosts, strict=True):
             mine = [i for i, (nid, _) in enumerate(planned) if nid == node_id]
             infos = [described[i] for i in mine]
             slots = [
@@ -192,21 +204,25 @@ class RayExecutor:
             ]
             placed = place(
                 slots,
-                host=infos[0]["host"],
-                cpus=infos[0]["cpus"],
-                physical_cores=infos[0]["physical_cores"],
+                host=host,
+                cores=infos[0]["cores"],
                 threads=self.options.threads,
-                pin=self.options.pin,
+                pin=self.options.pin and infos[0]["can_pin"],
                 visible=[info["visible_devices"] for info in infos],
             )
+            # on a cluster a lane's name says its node: the host, and the node's id when hosts share a name
+            prefix = "" if len(node_ids) == 1 else host if hosts.count(host) == 1 else f"{host}-{node_id[:8]}"
             for k, lane in enumerate(placed):
-                if len(hosts) > 1:
-                    lane.name = f"{lane.host}/{lane.name}"
+                lane.name = f"{prefix}/{lane.name}" if prefix else lane.name
                 self._lanes[lane.name] = lane
                 self._actors[lane.name] = actors[mine[k]]
                 self._placement[lane.name] = (node_id, planned[mine[k]][1])
                 lanes.append(lane)
-        ray.get([self._configure(lane) for lane in lanes])
+        try:
+            ray.get([self._configure(lane) for lane in lanes], timeout=START_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:
+            raise LaneError(f"a lane's Ray actor could not start: {first_line(exc)}") from None
+        self._starting = []
         return lanes
 
     def _configure(self, lane: Lane):
@@ -214,11 +230,18 @@ class RayExecutor:
         return self._actors[lane.name].configure.remote(lane.threads, cores, os.environ.get("OMP_NUM_THREADS"))
 
     def _replace(self, lane: Lane) -> None:
-        """A new actor for a lane whose actor died or was killed, on the same node."""
+        """A new actor for a lane whose actor died, hung or was killed, on the same node (LaneError: it can not
+        start there, the node gone, say)."""
         ray = _ray()
+        ray.kill(self._actors[lane.name])  # whatever it holds (its GPU) is free for the new one
         node_id, slot = self._placement[lane.name]
         self._actors[lane.name] = self._new_actor(node_id, slot)
-        ray.get(self._configure(lane))
+        try:
+            ray.get(self._configure(lane), timeout=START_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:
+            raise LaneError(
+                f"lane {lane.name} lost its Ray actor and could not start another: {first_line(exc)}"
+            ) from None
 
     # -- run
     def submit(self, lane: Lane, payload: dict[str, Any], *, timeout_s: float) -> None:
@@ -234,13 +257,15 @@ class RayExecutor:
                 lane, _, _ = self._running.pop(ready[0])
                 try:
                     return lane, ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
+                except ray.exceptions.RayActorError as exc:  # the actor's process died under the case
                     self._replace(lane)
                     return lane, actor_died(exc)
+                except ray.exceptions.RayError as exc:  # the actor raised: the lane's worker could not start, say
+                    self._replace(lane)
+                    return lane, {"status": "error", "message": f"the lane's Ray actor failed: {first_line(exc)}"}
             for ref, (lane, deadline, timeout_s) in list(self._running.items()):
                 if time.monotonic() >= deadline:  # the actor itself hangs: its worker passed the time-out long ago
                     del self._running[ref]
-                    ray.kill(self._actors[lane.name])
                     self._replace(lane)
                     message = f"passed the time-out of {timeout_s:g} s; the Ray worker did not answer and was killed"
                     return lane, {"status": "timeout", "message": message, "wall_s": timeout_s}
@@ -257,9 +282,13 @@ class RayExecutor:
         ray = _ray()
         if not ray.is_initialized():
             return
-        for actor in self._actors.values():
+        closing = [actor.close.remote() for actor in self._actors.values()]
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        for actor in [*self._actors.values(), *self._starting]:
             ray.kill(actor)  # its worker process dies with it
         self._actors.clear()
+        self._starting = []
         self._running.clear()
         if self._owns_ray:
             ray.shutdown()

@@ -56,6 +56,8 @@ EXTRA_CALLS = WARMUP_CALLS + 1
 PREDICTION_MARGIN = 1.5
 # an earlier length of a curve that ended like this stops the curve: longer lengths would fail the same way
 CURVE_STOPPING_STATUSES = ("oom", "timeout", "crashed")
+# devices whose cases compute in the host's memory: their lanes on one host share its budget
+HOST_MEMORY_DEVICES = ("cpu", "mps")
 
 
 class SweepError(Exception):
@@ -219,12 +221,13 @@ class Sweep:
 
     def _assign_kinds(self, finished: list[Finished]) -> None:
         """A curve with records already finished on a kind of lane this sweep has goes on there (resume)."""
-        identities = {env_identity(lane.env or {}) for lane in self.lanes}
-        by_key = {case.key(): case.family_key() for case in self.cases}
+        kinds = {(lane.device, env_identity(lane.env or {})) for lane in self.lanes}
+        by_key = {case.key(): case for case in self.cases}
         votes: dict[tuple, Counter] = {}
         for f in finished:
-            if f.identity in identities and f.key in by_key:
-                votes.setdefault(by_key[f.key], Counter())[f.identity] += 1
+            case = by_key.get(f.key)
+            if case is not None and (case.device, f.identity) in kinds:
+                votes.setdefault(case.family_key(), Counter())[f.identity] += 1
         for family, counter in votes.items():
             self._curve_kind[family] = counter.most_common(1)[0][0]
 
@@ -250,16 +253,21 @@ class Sweep:
                 )
         return None
 
-    def _budget(self, case: Case, kind: tuple | None) -> float | None:
-        """The memory budget of the lanes that may run ``case``: the least of theirs."""
-        limits = [
-            self.options.budget_bytes(free)
-            for lane in self._kind_lanes(case, kind)
-            if (free := (lane.env or {}).get("free_bytes", {}).get(case.device)) is not None
-        ]
+    def _budget(self, case: Case, kind: tuple) -> float | None:
+        """The memory budget of the lanes that may run ``case``: the least of theirs. Lanes of one host that
+        compute in its memory (CPU, MPS) share that host's budget out among themselves."""
+        limits = []
+        for lane in self._kind_lanes(case, kind):
+            free = (lane.env or {}).get("free_bytes", {}).get(case.device)
+            if free is None:
+                continue
+            sharing = 1
+            if lane.device in HOST_MEMORY_DEVICES:
+                sharing = sum(o.host == lane.host and o.device in HOST_MEMORY_DEVICES for o in self.lanes)
+            limits.append(self.options.budget_bytes(free) / sharing)
         return min(limits, default=None)
 
-    def _decide(self, case: Case, kind: tuple | None) -> dict[str, Any]:
+    def _decide(self, case: Case, kind: tuple) -> dict[str, Any]:
         """Round 0, before ``case`` runs: its estimate, and its status when it is not to run (unsupported, over
         budget, a stopped curve)."""
         unsupported = unsupported_reason(case)  # checked first: estimates assume a config that can run
@@ -307,26 +315,29 @@ class Sweep:
             def kind_of(case: Case) -> tuple | None:
                 return self._curve_kind.get(case.family_key())
 
-            def pending(process: int) -> list[Case]:
+            def pending(process: int, *, expect_ok: bool = False) -> list[Case]:
+                """The cases round ``process`` runs (``expect_ok``: counting those round 0 has still to run as ok)."""
                 order = self.cases if process % 2 == 0 else self.cases[::-1]
                 todo = []
                 for case in order:
                     kind, key = kind_of(case), case.key()
                     if kind is not None and (kind, key, process) in done:
                         continue
-                    if process > 0 and (kind is None or first.get((kind, key)) != "ok"):
+                    status = first.get((kind, key)) if kind is not None else None
+                    if process > 0 and status != "ok" and not (expect_ok and status is None):
                         continue
                     todo.append(case)
                 return todo
 
             todo0 = pending(0)
             reused = len(self.cases) - len(todo0)
-            later = sum(len(pending(p)) for p in range(1, opts.processes))
-            progress = _progress(len(todo0) + later, quiet=opts.quiet)
+            later = sum(len(pending(p, expect_ok=True)) for p in range(1, opts.processes))
+            progress = _progress(len(todo0) + later, quiet=opts.quiet)  # corrected when round 0 ends
 
-            def record(case: Case, lane: Lane, process: int, result: dict[str, Any]) -> None:
+            def record(case: Case, lane: Lane, process: int, result: dict[str, Any], *, ran: bool = True) -> None:
+                """Write a case's record; ``lane``: the lane that ran it, or (not ``ran``) one of its curve's kind."""
                 base = {"run_id": self.run_id, "case": case.to_dict(), "impl_info": impl_info(case.impl)}
-                where = {"lane": lane.name, "executor": self.executor.name, "env": lane.env}
+                where = {"lane": lane.name if ran else None, "executor": self.executor.name, "env": lane.env}
                 writer.write({**base, **result, "process": process, "processes": opts.processes, **where})
                 state.measured_s += result.get("measured_s") or 0.0
                 if process == 0:
@@ -372,22 +383,24 @@ class Sweep:
                 family = case.family_key()
                 if family in blocked:
                     continue
-                kind = self._curve_kind.get(family)
-                extra: dict[str, Any] = {}
                 if process == 0:
                     blocked.add(family)  # a curve's later lengths wait for this one
+                kind = self._curve_kind.get(family)
+                lane = self._free_lane(case, kind, busy)
+                if kind is None:  # a new curve: the kind of the lane free for it (then its budget)
+                    if lane is None:
+                        continue
+                    kind = self._curve_kind[family] = env_identity(lane.env or {})
+                extra: dict[str, Any] = {}
+                if process == 0:
                     extra = self._decide(case, kind)
-                    lanes = self._kind_lanes(case, kind)
-                    if "status" in extra and lanes:  # skipped: recorded in the environment of its kind of lane
-                        self._curve_kind.setdefault(family, env_identity(lanes[0].env or {}))
+                    if "status" in extra:  # skipped: ran on no lane, recorded in its kind's environment
                         waiting.remove(case)
-                        record(case, lanes[0], process, extra)
+                        record(case, self._kind_lanes(case, kind)[0], process, extra, ran=False)
                         blocked.discard(family)
                         continue
-                lane = self._free_lane(case, kind, busy)
                 if lane is None:
                     continue
-                self._curve_kind.setdefault(family, env_identity(lane.env or {}))
                 self._dispatched += 1
                 self._last_used[lane.name] = self._dispatched
                 self.executor.submit(lane, self._request(case, lane, process), timeout_s=self.options.timeout_s)

@@ -94,11 +94,11 @@ def plan_steps(
         )
     sweep_argv = (
         "run", "--impls", "*", "--seq-lens", seq_lens, "--modes", "fwd,fwd+bwd", "--dtypes", "bfloat16,float32",
-        "--devices", "cuda", "--out", str(sweep),
+        "--devices", "cuda:all", "--out", str(sweep),
     )  # fmt: skip
     decode_argv = (
         "run", "--impls", "*", "--seq-lens", QUICK_DECODE_SEQ_LENS if quick else DECODE_SEQ_LENS, "--modes", "decode",
-        "--kv-heads", "same,1", "--dtypes", "bfloat16", "--devices", "cuda", "--out", str(sweep),
+        "--kv-heads", "same,1", "--dtypes", "bfloat16", "--devices", "cuda:all", "--out", str(sweep),
     )  # fmt: skip
     crosscheck_argv = (
         "crosscheck", "--impls", "sdpa,full", "--seq-lens", QUICK_CROSSCHECK_SEQ_LENS if quick else CROSSCHECK_SEQ_LENS,
