@@ -132,6 +132,28 @@ def test_mixed_environments_are_reported_apart(tmp_path: Path) -> None:
     assert len(time_figures) == 2
 
 
+def test_the_report_says_where_cases_ran_when_a_sweep_had_several_lanes(tmp_path: Path) -> None:
+    from bench.report.load import load_results
+
+    records = synthetic_study(env={**ENV, "gpu_uuid": None})
+    for index, record in enumerate(records):
+        record.update(lane=f"cuda:{index % 2}", executor="ray")
+    records[0]["env"] = {**records[0]["env"], "gpu_uuid": "GPU-1234"}  # not an identity field: one environment
+    records.append({**make_record("full", 96, status="skipped"), "lane": None, "executor": "ray"})
+    path = write_results(tmp_path / "lanes.jsonl", records)
+    lanes = load_results([path]).lanes
+    assert sorted(lanes["lane"]) == ["cuda:0", "cuda:0", "cuda:1"]  # cuda:0 with and without its UUID
+    assert lanes["records"].sum() == len(records) - 1  # the skipped case ran on no lane
+    out = tmp_path / "report"
+    write_report([path], out_dir=out, options=ReportOptions(figures=False))
+    text = (out / "README.md").read_text()
+    assert "Where the cases ran" in text and "| ray | cuda:1 |" in text and "GPU-1234" in text
+    # one lane of the local executor, as every sweep before lanes: no table
+    plain = write_results(tmp_path / "plain.jsonl", synthetic_study())
+    write_report([plain], out_dir=tmp_path / "plain", options=ReportOptions(figures=False))
+    assert "Where the cases ran" not in (tmp_path / "plain" / "README.md").read_text()
+
+
 def test_report_leaves_no_stale_figures(results_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     (out / "figures").mkdir(parents=True)
