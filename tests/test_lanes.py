@@ -122,18 +122,20 @@ def test_unpinned_lanes_take_turns_and_other_hosts_never_conflict() -> None:
 
 
 def test_lanes_are_laid_out_on_physical_cores(monkeypatch) -> None:
-    from bench.measure import lanes
+    from bench.measure import process
 
     # eight CPUs allowed, four cores with two hyperthreads each (0 and 4 are one core, as Linux numbers them)
-    monkeypatch.setattr(lanes.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
-    monkeypatch.setattr(lanes, "_thread_siblings", lambda cpu: frozenset({cpu % 4, cpu % 4 + 4}))
-    assert lanes.usable_cores() == [0, 1, 2, 3]
+    monkeypatch.setattr(process.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(process, "_thread_siblings", lambda cpu: frozenset({cpu % 4, cpu % 4 + 4}))
+    assert process.usable_cores() == [0, 1, 2, 3]
     # a restricted set (taskset, a container's cpuset): the default threads are the cores it allows
-    monkeypatch.setattr(lanes.os, "sched_getaffinity", lambda pid: {2, 6, 3}, raising=False)
-    assert lanes.usable_cores() == [2, 3]
-    (cpu,) = place([LaneSlot("cpu")], host="h", cores=lanes.usable_cores(), threads=None, pin=True)
+    monkeypatch.setattr(process.os, "sched_getaffinity", lambda pid: {2, 6, 3}, raising=False)
+    assert process.usable_cores() == [2, 3]
+    (cpu,) = place([LaneSlot("cpu")], host="h", cores=process.usable_cores(), threads=None, pin=True)
     assert cpu.cores == (2, 3) and cpu.threads == 2
-    assert lanes.parse_cpu_list("0-2,8") == [0, 1, 2, 8] and lanes.parse_cpu_list("x") == []
+    # the cross-check's worker, started as a sweep's, is pinned as its one CPU lane is
+    assert process.pinned_cores(2) == [2, 3]
+    assert process.parse_cpu_list("0-2,8") == [0, 1, 2, 8] and process.parse_cpu_list("x") == []
 
 
 def test_without_cpu_affinity_nothing_is_pinned() -> None:

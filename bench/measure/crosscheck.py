@@ -38,14 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from attention_impls import UnsupportedCase
 from bench.cases import Case
 from bench.measure.env import set_tf32
 from bench.measure.lanes import needs_new_worker
-from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout
+from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, usable_cores
 from bench.measure.timing import time_callable
 from bench.measure.worker import is_oom, prepare
 from bench.options import MeasureOptions
@@ -228,8 +227,8 @@ def triton_median_s(
 
 
 def physical_threads() -> int:
-    """The sweep's default thread count: the physical cores."""
-    return psutil.cpu_count(logical=False) or 1
+    """The sweep's default thread count: the physical cores it may use (a sweep's one CPU lane)."""
+    return len(usable_cores())
 
 
 def _empty_cache(device: str) -> None:

@@ -23,13 +23,12 @@ from bench.measure.lanes import (
     Lane,
     LaneError,
     LaneWorker,
-    can_pin,
     lane_slots,
     place,
-    usable_cores,
     visible_device,
     worker_environ,
 )
+from bench.measure.process import can_pin, usable_cores
 from bench.options import SweepOptions
 
 

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from bench.measure.process import WorkerDied, WorkerProcess, WorkerTimeout, cpu_list
 
@@ -111,7 +108,7 @@ def place(
 ) -> list[Lane]:
     """Lanes of one host: cores, threads and names for ``slots``.
 
-    ``cores``: one CPU per physical core the sweep may use there (``usable_cores``), so no two lanes share a
+    ``cores``: one CPU per physical core the sweep may use there (``process.usable_cores``), so no two lanes share a
     core through its hyperthreads. CPU lanes get ``threads`` cores each (default: the cores shared out among
     them), disjoint, from the first; GPU lanes share the cores out among themselves (threads: at most their
     share); an MPS lane is pinned as a CPU lane. ``visible``: each slot's CUDA_VISIBLE_DEVICES when already
@@ -224,46 +221,3 @@ def worker_environ(lane: Lane, environ: Mapping[str, str]) -> dict[str, str]:
     if lane.visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = lane.visible_devices
     return env
-
-
-def usable_cores() -> list[int]:
-    """One CPU per physical core this process may run on (the first of its hyperthreads), in order.
-
-    Where the system has no CPU affinity (macOS), nominal numbers for the physical cores: lanes there are
-    not pinned (``can_pin``).
-    """
-    if not hasattr(os, "sched_getaffinity"):
-        return list(range(psutil.cpu_count(logical=False) or os.cpu_count() or 1))
-    cores, seen = [], set()
-    for cpu in sorted(os.sched_getaffinity(0)):
-        siblings = _thread_siblings(cpu)
-        if siblings not in seen:
-            seen.add(siblings)
-            cores.append(cpu)
-    return cores
-
-
-def can_pin() -> bool:
-    """Whether workers can be confined to cores here (Linux)."""
-    return hasattr(os, "sched_setaffinity")
-
-
-def _thread_siblings(cpu: int) -> frozenset[int]:
-    """The CPUs that are hyperthreads of one core with ``cpu`` (Linux sysfs; ``{cpu}`` where unknown)."""
-    try:
-        text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
-    except OSError:
-        return frozenset({cpu})
-    return frozenset(parse_cpu_list(text)) or frozenset({cpu})
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """``0-3,8`` -> ``[0, 1, 2, 3, 8]`` (the kernel's CPU list format; malformed text gives [])."""
-    cpus: list[int] = []
-    try:
-        for part in filter(None, text.split(",")):
-            first, _, last = part.partition("-")
-            cpus += range(int(first), int(last or first) + 1)
-    except ValueError:
-        return []
-    return cpus

@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 _VMSTAT = Path("/proc/vmstat")
 
 
@@ -92,10 +94,54 @@ def allocator_setting(environ: Mapping[str, str]) -> str:
 
 
 def pinned_cores(threads: int) -> list[int] | None:
-    """The CPUs a pinned worker runs on: the first ``threads`` this process may use (None: no affinity here)."""
-    if not hasattr(os, "sched_getaffinity"):
+    """The CPUs a pinned worker runs on: the first ``threads`` physical cores this process may use, as a sweep's
+    one CPU lane (None: no affinity here)."""
+    if not can_pin():
         return None
-    return sorted(os.sched_getaffinity(0))[: max(1, threads)]
+    return usable_cores()[: max(1, threads)]
+
+
+def usable_cores() -> list[int]:
+    """One CPU per physical core this process may run on (the first of its hyperthreads), in order.
+
+    Where the system has no CPU affinity (macOS), nominal numbers for the physical cores: lanes there are
+    not pinned (``can_pin``).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return list(range(psutil.cpu_count(logical=False) or os.cpu_count() or 1))
+    cores, seen = [], set()
+    for cpu in sorted(os.sched_getaffinity(0)):
+        siblings = _thread_siblings(cpu)
+        if siblings not in seen:
+            seen.add(siblings)
+            cores.append(cpu)
+    return cores
+
+
+def can_pin() -> bool:
+    """Whether workers can be confined to cores here (Linux)."""
+    return hasattr(os, "sched_setaffinity")
+
+
+def _thread_siblings(cpu: int) -> frozenset[int]:
+    """The CPUs that are hyperthreads of one core with ``cpu`` (Linux sysfs; ``{cpu}`` where unknown)."""
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return frozenset({cpu})
+    return frozenset(parse_cpu_list(text)) or frozenset({cpu})
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``0-3,8`` -> ``[0, 1, 2, 3, 8]`` (the kernel's CPU list format; malformed text gives [])."""
+    cpus: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            first, _, last = part.partition("-")
+            cpus += range(int(first), int(last or first) + 1)
+    except ValueError:
+        return []
+    return cpus
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies

@@ -25,7 +25,8 @@ from typing import Any
 
 import bench
 from bench.cases import device_kind
-from bench.measure.lanes import Lane, LaneError, LaneSlot, LaneWorker, can_pin, place, usable_cores
+from bench.measure.lanes import Lane, LaneError, LaneSlot, LaneWorker, place
+from bench.measure.process import can_pin, usable_cores
 from bench.options import SweepOptions
 from bench.results import first_line
 

@@ -160,6 +160,7 @@ class Sweep:
         # (environment identity) that measures it
         self._curve_last: dict[tuple, tuple[int, str, float | None]] = {}
         self._curve_kind: dict[tuple, tuple] = {}
+        self._kinds: dict[str, tuple] = {}  # lane name -> its kind: the identity of its environment, once probed
 
     # -- lanes
     def start_lanes(self) -> None:
@@ -183,6 +184,7 @@ class Sweep:
             lane.env = reply["env"]
             if lane.cores is not None:
                 lane.env["cpu_affinity"] = cpu_list(list(lane.cores))
+            self._kinds[lane.name] = env_identity(lane.env)
         if problems:
             raise SweepError("; ".join(dict.fromkeys(problems)))
 
@@ -207,21 +209,21 @@ class Sweep:
         return [
             lane
             for lane in self.lanes
-            if lane.device == case.device and (kind is None or env_identity(lane.env or {}) == kind)
+            if lane.device == case.device and (kind is None or self._kinds[lane.name] == kind)
         ]
 
-    def _free_lane(self, case: Case, kind: tuple | None, busy: dict[str, Lane]) -> Lane | None:
+    def _free_lane(self, case: Case, kind: tuple | None, busy: list[Lane]) -> Lane | None:
         """The idle lane, of those that may run ``case`` and share no cores with a busy one, used least lately."""
         free = [
             lane
             for lane in self._kind_lanes(case, kind)
-            if lane.name not in busy and not any(lane.conflicts(other) for other in busy.values())
+            if lane not in busy and not any(lane.conflicts(other) for other in busy)
         ]
         return min(free, key=lambda lane: self._last_used.get(lane.name, -1), default=None)
 
     def _assign_kinds(self, finished: list[Finished]) -> None:
         """A curve with records already finished on a kind of lane this sweep has goes on there (resume)."""
-        kinds = {(lane.device, env_identity(lane.env or {})) for lane in self.lanes}
+        kinds = {(lane.device, self._kinds[lane.name]) for lane in self.lanes}
         by_key = {case.key(): case for case in self.cases}
         votes: dict[tuple, Counter] = {}
         for f in finished:
@@ -343,7 +345,7 @@ class Sweep:
                 if process == 0:
                     state.ran += 1
                     state.counts[result["status"]] += 1
-                    first[(env_identity(lane.env or {}), case.key())] = result["status"]
+                    first[(self._kinds[lane.name], case.key())] = result["status"]
                     if result["status"] != "skipped" or case.family_key() not in self._curve_last:
                         self._curve_last[case.family_key()] = (case.seq_len, result["status"], result.get("median_s"))
                 else:
@@ -375,10 +377,9 @@ class Sweep:
     def _run_round(self, cases: list[Case], process: int, record: Callable[..., None], progress) -> None:
         """One round: each case on a free lane of its curve's kind; in round 0 a curve's lengths one at a time."""
         waiting = list(cases)
-        busy: dict[str, Lane] = {}
-        running: dict[str, tuple[Case, dict[str, Any]]] = {}  # lane name -> its case and what round 0 decided
+        running: dict[str, tuple[Lane, Case, dict[str, Any]]] = {}  # lane name -> its case, what round 0 decided
         while waiting or running:
-            blocked: set[tuple] = {case.family_key() for case, _ in running.values()} if process == 0 else set()
+            blocked: set[tuple] = {case.family_key() for _, case, _ in running.values()} if process == 0 else set()
             for case in list(waiting):
                 family = case.family_key()
                 if family in blocked:
@@ -386,11 +387,11 @@ class Sweep:
                 if process == 0:
                     blocked.add(family)  # a curve's later lengths wait for this one
                 kind = self._curve_kind.get(family)
-                lane = self._free_lane(case, kind, busy)
+                lane = self._free_lane(case, kind, [busy for busy, _, _ in running.values()])
                 if kind is None:  # a new curve: the kind of the lane free for it (then its budget)
                     if lane is None:
                         continue
-                    kind = self._curve_kind[family] = env_identity(lane.env or {})
+                    kind = self._curve_kind[family] = self._kinds[lane.name]
                 extra: dict[str, Any] = {}
                 if process == 0:
                     extra = self._decide(case, kind)
@@ -404,8 +405,7 @@ class Sweep:
                 self._dispatched += 1
                 self._last_used[lane.name] = self._dispatched
                 self.executor.submit(lane, self._request(case, lane, process), timeout_s=self.options.timeout_s)
-                busy[lane.name] = lane
-                running[lane.name] = (case, extra)
+                running[lane.name] = (lane, case, extra)
                 waiting.remove(case)
                 progress.set_postfix_str(f"{case.label()} [process {process}, {lane.name}]", refresh=True)
             if not running:
@@ -413,8 +413,7 @@ class Sweep:
                     raise SweepError(f"no lane runs {waiting[0].device} cases")
                 break
             lane, result = self.executor.next_result()
-            del busy[lane.name]
-            case, extra = running.pop(lane.name)
+            _, case, extra = running.pop(lane.name)
             record(case, lane, process, {**result, **extra})
 
     def close(self) -> None:
