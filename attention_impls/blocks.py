@@ -26,6 +26,7 @@ __all__ = [
     "device_type",
     "device_value",
     "sdpa_is_fused",
+    "unfold",
 ]
 
 # "sdpa": PyTorch's fused scaled_dot_product_attention (tiled, no score matrix stored);
@@ -81,6 +82,40 @@ def sdpa_is_fused(device: str | torch.device, dtype: str | None, *, itemsize: in
     if kind == "cuda":
         return (dtype or ("float64" if itemsize == 8 else "")) != "float64"
     return True
+
+
+class _Unfold(torch.autograd.Function):
+    """``x.unfold(dim, size, step)`` (a view) whose backward adds the windows' gradients back into ``x``'s
+    positions in ceil(size / step) strided adds, each as large as the gradient's share of one step of every
+    window (aten's ``unfold_backward`` took 15% of ``local``'s training step at 16K tokens)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, size: int, step: int) -> torch.Tensor:
+        ctx.shape, ctx.dim, ctx.size, ctx.step = x.shape, dim, size, step
+        return x.unfold(dim, size, step)  # (..., n_windows at dim, ..., size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dim, size, step = ctx.dim, ctx.size, ctx.step
+        n_windows, pieces = grad.shape[dim], math.ceil(size / step)
+        padded = list(ctx.shape)
+        padded[dim] = max(padded[dim], (n_windows + pieces - 1) * step)  # every piece's span fits
+        total = grad.new_zeros(padded)  # x's layout, a little longer along dim
+        for piece in range(pieces):
+            width = min(step, size - piece * step)
+            # positions window * step + piece * step + [0, width) of every window
+            target = total.narrow(dim, piece * step, n_windows * step).unflatten(dim, (n_windows, step))
+            target = target.narrow(dim + 1, 0, width)  # (..., n_windows, width, ...)
+            target.add_(grad.narrow(-1, piece * step, width).movedim(-1, dim + 1))
+        return total.narrow(dim, 0, ctx.shape[dim]), None, None, None
+
+
+def unfold(x: torch.Tensor, dim: int, size: int, step: int) -> torch.Tensor:
+    """``x.unfold(dim, size, step)``: windows of ``size`` along ``dim`` every ``step`` positions (a view), with
+    a backward that costs the windows' size (see ``_Unfold``). ``dim`` must be non-negative."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Unfold.apply(x, dim, size, step)
+    return x.unfold(dim, size, step)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, *, kernel: str):

@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from attention_impls import blocks
 from attention_impls.base import (
@@ -126,6 +127,65 @@ class LinearConfig:
     eps: float = 1e-6  # floor of the normalizer phi(q)^T z
 
 
+# each feature map's derivative from its output y and the gradient g of y: the gradient of its input
+_FEATURE_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "elu": lambda y, g: y.clamp(max=1.0).mul_(g),  # y = x + 1 > 1 where x > 0, y = exp(x) <= 1 elsewhere
+    "relu": lambda y, g: g * (y > 0),
+    "softmax": lambda y, g: (g - (g * y).sum(dim=-1, keepdim=True)).mul_(y),
+}
+
+
+class _NonCausal(torch.autograd.Function):
+    """Non-causal linear attention under autograd: the forward is the blocked one of ``_noncausal`` (each block's
+    feature maps computed in cache), and the backward, written out, walks the same blocks, recomputing the
+    feature maps instead of keeping them (it keeps only the inputs, the output and the state):
+
+        num = phi(Q) (S | z),  (S | z) = phi(K)^T (V | 1),  out = num[:d] / den,  den = max(phi(Q) z, eps)
+
+        dN = (dOut / den | -(dOut . out) / den)   (the second column zero where eps holds den)
+        d(S | z) = sum over query blocks of phi(Q)^T dN,  dphi(Q) = dN (S | z)^T
+        dphi(K) = V dS^T + dz,  dV = phi(K) dS
+
+    and each feature map's derivative from its output. q (batch, heads, q_len, d), k, v (batch, kv_heads, n, d).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, name: str, block: int, eps: float):
+        out, state = _noncausal(q, k, v, phi=FEATURE_MAPS[name], block=block, eps=eps)
+        ctx.save_for_backward(q, k, v, state, out)
+        ctx.name, ctx.block, ctx.eps = name, block, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, state, out = ctx.saved_tensors
+        phi, grad, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.block, ctx.eps
+        heads, kv_heads, dim_v = q.shape[1], k.shape[1], v.shape[-1]
+        acc = state.dtype
+        rows, out_rows = group_queries(q, kv_heads), group_queries(out, kv_heads)  # (batch, kv_heads, rows, d)
+        d_rows = group_queries(d_out, kv_heads)  # (batch, kv_heads, rows, head_dim)
+        z = state[..., dim_v:]  # (batch, kv_heads, head_dim, 1)
+        d_state = torch.zeros_like(state)  # (batch, kv_heads, head_dim, head_dim + 1)
+        d_q = torch.empty_like(rows)  # (batch, kv_heads, rows, head_dim)
+        for start in range(0, rows.shape[2], block):
+            phi_q = phi(rows[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
+            raw = phi_q @ z  # (batch, kv_heads, length, 1): the normalizer before its floor
+            d_value = d_rows[:, :, start : start + block].to(acc) / raw.clamp_min(eps)  # (..., length, head_dim)
+            d_den = (d_value * out_rows[:, :, start : start + block]).sum(dim=-1, keepdim=True).neg_()
+            d_num = torch.cat([d_value, d_den.masked_fill_(raw < eps, 0.0)], dim=-1)  # (..., length, head_dim + 1)
+            d_state += phi_q.transpose(-2, -1) @ d_num
+            d_q[:, :, start : start + block] = grad(phi_q, d_num @ state.transpose(-2, -1))
+        d_s, d_z = d_state[..., :dim_v], d_state[..., dim_v:].transpose(-2, -1)  # (b, kvh, d, d), (b, kvh, 1, d)
+        d_k, d_v = torch.empty_like(k), torch.empty_like(v)  # (batch, kv_heads, n, head_dim)
+        for start in range(0, k.shape[2], block):
+            phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
+            d_phi_k = (v[:, :, start : start + block].to(acc) @ d_s.transpose(-2, -1)).add_(d_z)
+            d_k[:, :, start : start + block] = grad(phi_k, d_phi_k)
+            d_v[:, :, start : start + block] = phi_k @ d_s
+        return ungroup_queries(d_q, heads), d_k, d_v, None, None, None
+
+
 def feature_map(name: str) -> FeatureMap:
     """The feature map called ``name``; a clear error on unknown names."""
     if name not in FEATURE_MAPS:
@@ -148,17 +208,25 @@ def _block_positions(
 def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> None:
     """out[:, :, start:start + length] = numerator / max(normalizer, eps); ``num`` is (..., length, d_v + 1).
 
-    Its last column is the normalizer. Without autograd the quotient is written straight into ``out``; either
-    way it is cast to ``out``'s dtype (from float32 for half-precision inputs).
+    Its last column is the normalizer. The quotient is written straight into ``out`` (no autograd: under it
+    the blocks are one), cast to ``out``'s dtype (from float32 for half-precision inputs).
     """
     dim_v = out.shape[-1]
     length = min(num.shape[2], out.shape[2] - start)  # drop the padding rows
     numerator = num[:, :, :length, :dim_v]  # (batch, heads, length, head_dim)
     denominator = num[:, :, :length, dim_v:].clamp_min(eps)  # (batch, heads, length, 1)
-    if needs_grad(num):
-        out[:, :, start : start + length] = numerator / denominator  # a differentiable copy
-    else:
-        torch.div(numerator, denominator, out=out[:, :, start : start + length])
+    torch.div(numerator, denominator, out=out[:, :, start : start + length])
+
+
+def _positions(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """x[:, :, start:stop], or x itself when that is all of it (under autograd a slice's backward fills a
+    gradient the size of the whole input)."""
+    return x if start == 0 and stop >= x.shape[2] else x[:, :, start:stop]
+
+
+def _quotient(num: torch.Tensor, *, dim_v: int, eps: float) -> torch.Tensor:
+    """numerator / max(normalizer, eps) of ``num`` (..., length, d_v + 1), whose last column is the normalizer."""
+    return num[..., :dim_v] / num[..., dim_v:].clamp_min(eps)
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -177,8 +245,8 @@ def _key_state(k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int,
     kv = k.new_zeros(batch, kv_heads, dim, dim_v, dtype=acc)  # (batch, kv_heads, head_dim, head_dim): S
     z = k.new_zeros(batch, kv_heads, dim, dtype=acc)  # (batch, kv_heads, head_dim): z = sum_j phi(k_j)
     for start in range(0, length, block):
-        phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
-        v_blk = v[:, :, start : start + block].to(acc)  # (batch, kv_heads, length, head_dim)
+        phi_k = phi(_positions(k, start, start + block)).to(acc)  # (batch, kv_heads, length, head_dim)
+        v_blk = _positions(v, start, start + block).to(acc)  # (batch, kv_heads, length, head_dim)
         kv = kv + torch.matmul(phi_k.transpose(-2, -1), v_blk)  # (batch, kv_heads, head_dim, head_dim)
         z = z + phi_k.sum(dim=2)  # (batch, kv_heads, head_dim)
     return torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, kv_heads, head_dim, head_dim + 1): (S | z)
@@ -186,8 +254,8 @@ def _key_state(k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int,
 
 def _noncausal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, eps: float
-) -> torch.Tensor:
-    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time; and (S | z).
 
     Each key/value head's state serves its group of query heads, their rows side by side (``group_queries``).
     """
@@ -199,7 +267,7 @@ def _noncausal(
     for start in range(0, rows.shape[2], block):
         phi_q = phi(rows[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
         _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, kv_heads, length, head_dim + 1)
-    return ungroup_queries(out, heads)  # (batch, heads, q_len, head_dim)
+    return ungroup_queries(out, heads), state  # (batch, heads, q_len, head_dim), (S | z)
 
 
 def _chunk_rows(x: torch.Tensor, *, kv_heads: int, chunk: int) -> torch.Tensor:
@@ -243,14 +311,15 @@ def _causal(
         state = q.new_zeros(batch, kv_heads, dim, dim_v + 1, dtype=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
     # key j of a chunk visible to row i of the group's rows when j <= i mod chunk (None: tril_ does it)
     keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1) if group > 1 else None
-    out = v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim), the input dtype
+    whole = block >= seq_len  # one block (always under autograd): no output buffer to write slices of
+    out = None if whole else v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
     for start in range(0, seq_len, block):
         stop = min(start + block, seq_len)
         # padding (only in the last block) goes after every real position: causally invisible,
         # and phi(k) is padded with zeros, so it adds nothing to any state
-        q_blk = pad_seq(phi(q[:, :, start:stop]), chunk)  # (batch, heads, padded, head_dim)
-        k_blk = pad_seq(phi(k[:, :, start:stop]), chunk)  # (batch, kv_heads, padded, head_dim)
-        v_blk = pad_seq(_with_ones(v[:, :, start:stop]), chunk)  # (batch, kv_heads, padded, head_dim + 1)
+        q_blk = pad_seq(phi(_positions(q, start, stop)), chunk)  # (batch, heads, padded, head_dim)
+        k_blk = pad_seq(phi(_positions(k, start, stop)), chunk)  # (batch, kv_heads, padded, head_dim)
+        v_blk = pad_seq(_with_ones(_positions(v, start, stop)), chunk)  # (batch, kv_heads, padded, head_dim + 1)
         padded = q_blk.shape[2]
         n_chunks = padded // chunk
         q_c = _chunk_rows(q_blk, kv_heads=kv_heads, chunk=chunk)  # (batch, kv_heads, n_chunks, group*chunk, d)
@@ -269,7 +338,10 @@ def _causal(
 
         # (batch, kv_heads, n_chunks, group * chunk, head_dim + 1), in acc
         num = torch.matmul(q_c.to(acc), prefix) + torch.matmul(scores, v_c)
-        _store(out, start, _unchunk_rows(num, heads=heads, chunk=chunk), eps=eps)  # (batch, heads, padded, d + 1)
+        num = _unchunk_rows(num, heads=heads, chunk=chunk)  # (batch, heads, padded, head_dim + 1)
+        if whole:
+            return _quotient(num[:, :, :seq_len], dim_v=dim_v, eps=eps).to(v.dtype)  # (batch, heads, seq_len, d)
+        _store(out, start, num, eps=eps)
     return out
 
 
@@ -294,7 +366,13 @@ def linear_attention(
     chunk = min(chunk_size, q_len)
     block = _block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
     if not causal:
-        return _noncausal(q, k, v, phi=phi, block=block, eps=eps)
+        if needs_grad(q, k, v):
+            return _NonCausal.apply(q, k, v, feature_map_name, block, eps)  # (batch, heads, q_len, head_dim)
+        return _noncausal(q, k, v, phi=phi, block=block, eps=eps)[0]  # (batch, heads, q_len, head_dim)
+    if needs_grad(q, k, v):
+        # one block: the graph keeps every block's tensors anyway, and blocks would cost a slice's backward
+        # (a zero-filled gradient of the whole input) each
+        block = -(-max(q_len, kv_len) // chunk) * chunk
     before = kv_len - q_len  # keys every query sees (the lower-right alignment), summed first
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)
     state = _key_state(k[:, :, :before], v[:, :, :before], phi=phi, block=block, acc=acc) if before else None
@@ -361,8 +439,8 @@ class LinearAttention(AttentionModule):
         phi_k = phi(k).to(state.dtype)  # (batch, kv_heads, 1, head_dim)
         state = state + torch.matmul(phi_k.transpose(-2, -1), _with_ones(v).to(state.dtype))  # a new tensor
         rows = phi(group_queries(q, k.shape[1])).to(state.dtype)  # (batch, kv_heads, group, head_dim)
-        out = q.new_empty(*rows.shape[:3], v.shape[-1])  # (batch, kv_heads, group, head_dim)
-        _store(out, 0, torch.matmul(rows, state), eps=self.config.eps)  # (batch, kv_heads, group, head_dim + 1)
+        num = torch.matmul(rows, state)  # (batch, kv_heads, group, head_dim + 1)
+        out = _quotient(num, dim_v=v.shape[-1], eps=self.config.eps).to(q.dtype)  # (batch, kv_heads, group, d)
         grown = DecodeCache(length=cache.length + 1, capacity=cache.capacity, tensors={"state": state})
         return ungroup_queries(out, q.shape[1]), grown  # (batch, heads, 1, head_dim)
 

@@ -114,15 +114,16 @@ def linformer_attention(
     if rows >= n_rows:
         probs = torch.softmax(torch.matmul(q_rows, keys_t), dim=-1)  # (batch, kv_heads, group * q_len, k)
         return ungroup_queries(torch.matmul(probs, values), heads)  # (batch, heads, q_len, head_dim)
-    track = needs_grad(q, keys_t, values)
+    if needs_grad(q, keys_t, values):
+        # split and concatenated: their backward is one concatenation and one split (slices of q and writes
+        # into one output would each cost a gradient the size of the whole in backward)
+        parts = [torch.softmax(part @ keys_t, dim=-1) @ values for part in q_rows.split(rows, dim=2)]
+        return ungroup_queries(torch.cat(parts, dim=2), heads)  # (batch, heads, q_len, head_dim)
     out = q.new_empty(batch, kv_heads, n_rows, values.shape[-1])  # (batch, kv_heads, group * q_len, head_dim)
     for start in range(0, n_rows, rows):
         scores = torch.matmul(q_rows[:, :, start : start + rows], keys_t)  # (batch, kv_heads, rows, k)
         probs = torch.softmax(scores, dim=-1)  # (batch, kv_heads, rows, k)
-        if track:
-            out[:, :, start : start + rows] = torch.matmul(probs, values)  # (batch, kv_heads, rows, head_dim)
-        else:
-            torch.matmul(probs, values, out=out[:, :, start : start + rows])  # (batch, kv_heads, rows, head_dim)
+        torch.matmul(probs, values, out=out[:, :, start : start + rows])  # (batch, kv_heads, rows, head_dim)
     return ungroup_queries(out, heads)  # (batch, heads, q_len, head_dim)
 
 

@@ -37,6 +37,7 @@ from attention_impls.base import (
     needs_grad,
     ungroup_queries,
 )
+from attention_impls.chunked import Span, chunked
 from attention_impls.decoding import DecodeCache
 from attention_impls.registry import register
 
@@ -131,7 +132,8 @@ def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int, *, kv_
     batch, heads, q_len, head_dim = q.shape
     group, blocks_ = heads // kv_heads, stop - start
     rows = q[:, :, start * geo.block : min(q_len, stop * geo.block)]  # (batch, heads, <= blocks*block, d)
-    rows = F.pad(rows, (0, 0, 0, max(0, stop * geo.block - q_len)))  # (batch, heads, blocks*block, d)
+    if stop * geo.block > q_len:
+        rows = F.pad(rows, (0, 0, 0, stop * geo.block - q_len))  # (batch, heads, blocks*block, d)
     rows = rows.reshape(batch, kv_heads, group, blocks_, geo.block, head_dim)  # (b, kv_heads, group, blocks, block, d)
     rows = rows.permute(3, 0, 1, 2, 4, 5)  # (blocks, batch, kv_heads, group, block, head_dim)
     return rows.reshape(blocks_, batch * kv_heads, group * geo.block, head_dim)  # (blocks, b*kv_heads, g*block, d)
@@ -143,15 +145,46 @@ def _key_windows(x: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torc
     Overlapping strided views of ``x`` (``unfold``): nothing is copied, except the short padded stretch
     an edge block's window needs beyond either end of the keys.
     """
-    batch, kv_heads, kv_len, head_dim = x.shape
-    lo = start * geo.block + geo.offset - geo.window  # position of the first key of the first window
-    hi = stop * geo.block + geo.offset + geo.ahead  # one past the last key of the last window
+    kv_len = x.shape[2]
+    lo, hi = _stretch(geo, start, stop)
     stretch = x[:, :, max(0, lo) : min(kv_len, hi)]  # (batch, kv_heads, <= hi - lo, head_dim)
     if lo < 0 or hi > kv_len:
         stretch = F.pad(stretch, (0, 0, max(0, -lo), max(0, hi - kv_len)))  # (batch, kv_heads, hi - lo, head_dim)
-    windows = stretch.unfold(2, geo.span, geo.block)  # (batch, kv_heads, blocks, head_dim, span), a view
+    return _windows(stretch, geo)
+
+
+def _stretch(geo: _Geometry, start: int, stop: int) -> tuple[int, int]:
+    """[lo, hi): the key positions the windows of query blocks [start, stop) cover (may pass either end)."""
+    return start * geo.block + geo.offset - geo.window, stop * geo.block + geo.offset + geo.ahead
+
+
+def _windows(stretch: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """(batch, kv_heads, hi - lo, head_dim) keys of consecutive blocks' windows -> (blocks, b*kv_heads, span, d)."""
+    batch, kv_heads, _, head_dim = stretch.shape
+    windows = blocks.unfold(stretch, 2, geo.span, geo.block)  # (batch, kv_heads, blocks, head_dim, span), a view
     windows = windows.permute(2, 0, 1, 4, 3)  # (blocks, batch, kv_heads, span, head_dim)
-    return windows.reshape(stop - start, batch * kv_heads, geo.span, head_dim)  # (blocks, b*kv_heads, span, d)
+    return windows.reshape(windows.shape[0], batch * kv_heads, geo.span, head_dim)  # (blocks, b*kv_heads, span, d)
+
+
+def _attend_with_grad(q, k, v, geo: _Geometry, ranges, *, kv_heads: int, kernel: str) -> torch.Tensor:
+    """Every range's blocks attended under autograd, as one node whose backward costs O(a range) per range
+    (``chunked``): (batch * kv_heads, n_blocks, group * block, head_dim)."""
+    q_blocks = _query_blocks(q, geo, 0, geo.n_blocks, kv_heads=kv_heads)  # (n_blocks, b*kvh, g*block, d)
+    reads, pads = [], []
+    for start, stop, _ in ranges:
+        lo, hi = _stretch(geo, start, stop)
+        first, last = max(0, lo), min(geo.kv_len, hi)
+        keys = Span(2, first, last - first)  # the keys inside the sequence; an edge range pads the rest
+        reads.append((Span(0, start, stop - start), keys, keys))
+        pads.append((0, 0, first - lo, hi - last))
+
+    def attend(number: int, q_part, k_part, v_part):
+        if any(pads[number]):
+            k_part, v_part = F.pad(k_part, pads[number]), F.pad(v_part, pads[number])  # (b, kvh, hi - lo, d)
+        part = blocks.attend(q_part, _windows(k_part, geo), _windows(v_part, geo), ranges[number][2], kernel=kernel)
+        return (part.transpose(0, 1),)  # (batch*kv_heads, blocks, group*block, head_dim)
+
+    return chunked(attend, reads, q_blocks, k, v, dim=1)[0]
 
 
 @register("local")
@@ -215,24 +248,17 @@ class LocalAttention(AttentionModule):
             ranges.append((end, geo.n_blocks, edge_keep[first:]))
         else:  # a short sequence: every block overhangs an end
             ranges = [(0, geo.n_blocks, edge_keep)]
-        # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
-        # gradient once per slice in backward); without it, each part is written straight into the output
-        collect = needs_grad(q, k, v)
-        out = None if collect else q.new_empty(rows, geo.n_blocks, group * geo.block, head_dim)  # (b*kvh, nb, g*blk, d)
-        parts = []
-        for start, stop, keep in ranges:
-            if start < stop:
+        ranges = [(start, stop, keep) for start, stop, keep in ranges if start < stop]
+        if needs_grad(q, k, v):
+            out = _attend_with_grad(q, k, v, geo, ranges, kv_heads=kv_heads, kernel=kernel)  # (b*kvh, nb, g*blk, d)
+        else:  # each range written straight into the output
+            out = q.new_empty(rows, geo.n_blocks, group * geo.block, head_dim)  # (b*kvh, n_blocks, g*block, d)
+            for start, stop, keep in ranges:
                 q_blocks = _query_blocks(q, geo, start, stop, kv_heads=kv_heads)  # (blocks, b*kvh, g*block, d)
                 k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
                 v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
                 part = blocks.attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*kvh, g*blk, d)
-                if out is None:
-                    parts.append(part)
-                else:
-                    out.transpose(0, 1)[start:stop] = part
-        if out is None:
-            out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (n_blocks, b*kv_heads, g*block, d)
-            out = out.transpose(0, 1)  # (batch*kv_heads, n_blocks, group*block, head_dim)
+                out.transpose(0, 1)[start:stop] = part
         out = out.reshape(batch, kv_heads, geo.n_blocks, group, geo.block, head_dim)  # (b, kvh, nb, g, block, d)
         out = out.transpose(2, 3).reshape(batch, heads, geo.n_blocks * geo.block, head_dim)  # (b, h, padded, d)
         return out[:, :, :q_len]  # (batch, heads, q_len, head_dim)

@@ -34,6 +34,7 @@ import torch
 
 from attention_impls import blocks
 from attention_impls.base import AttentionModule, check_qkv, choice_error, int_error, needs_grad, pad_seq
+from attention_impls.chunked import Rows, Span, chunked
 from attention_impls.registry import register
 
 LAYOUTS = ("bigbird", "fixed", "strided", "dense")
@@ -218,6 +219,16 @@ def _chunks(
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """Query blocks [start, stop) computed together, with the key blocks they read."""
+
+    start: int
+    stop: int
+    index: torch.Tensor | None  # ((stop - start) * width,) key block of each slot, row by row; None: every block
+    keep: torch.Tensor | None  # (stop - start, 1, 1|block, width*block) kept keys; dense: (1, padded) or None
+
+
 @register("sparse")
 class SparseAttention(AttentionModule):
     """Block-sparse attention (bigbird, fixed or strided layout), exact for its block mask."""
@@ -233,9 +244,8 @@ class SparseAttention(AttentionModule):
 
     def __init__(self, config: SparseConfig, *, seq_len: int, heads: int, head_dim: int) -> None:
         super().__init__(config, seq_len=seq_len, heads=heads, head_dim=head_dim)
-        # (seq_len, causal, batch*heads, head_dim, device) -> (layout, chunks), on the device; each chunk is
-        # (first query block, last + 1, flat key-block index (rows*width,), keep mask (rows, 1, 1|block, width*block))
-        self._plans: dict[tuple, tuple[BlockLayout, list[tuple[int, int, torch.Tensor, torch.Tensor]]]] = {}
+        # (seq_len, causal, batch*heads, head_dim, device) -> (layout, chunks), on the device
+        self._plans: dict[tuple, tuple[BlockLayout, list[_Chunk]]] = {}
 
     def _plan(self, seq_len: int, causal: bool, rows: int, head_dim: int, device: torch.device):
         key = (seq_len, causal, rows, head_dim, device)
@@ -244,11 +254,15 @@ class SparseAttention(AttentionModule):
             layout = block_layout(self.config, seq_len=seq_len, causal=causal)
             keep = _keep_mask(layout, seq_len=seq_len, block=block, causal=causal)  # (n_rows, 1, 1|block, K*block)
             chunks = []
+            if layout.dense_rows:  # the global query blocks attend to every key (but the padding)
+                padded = layout.n_blocks * block
+                pad_keep = (torch.arange(padded) < seq_len).view(1, padded) if padded > seq_len else None
+                chunks.append(_Chunk(0, layout.dense_rows, None, None if pad_keep is None else pad_keep.to(device)))
             for start, stop, width in _chunks(layout, rows=rows, block=block, head_dim=head_dim, device=device):
                 index = layout.index[start:stop, :width].flatten()  # ((stop - start) * width,)
                 chunk_keep = keep[start:stop, :, :, : width * block].contiguous()  # (stop - start, 1, ., width*block)
                 offset = layout.dense_rows
-                chunks.append((offset + start, offset + stop, index.to(device), chunk_keep.to(device)))
+                chunks.append(_Chunk(offset + start, offset + stop, index.to(device), chunk_keep.to(device)))
             self._plans[key] = (layout, chunks)
         return self._plans[key]
 
@@ -259,42 +273,49 @@ class SparseAttention(AttentionModule):
         block = self.config.block_size
         kernel = self.config.kernel
         layout, chunks = self._plan(seq_len, causal, rows, head_dim, q.device)
-        n_blocks, dense_rows = layout.n_blocks, layout.dense_rows
-        # under autograd, parts are concatenated (writing many slices of one buffer would copy the whole
-        # gradient once per slice in backward); without it, each part is written straight into the output
-        collect = needs_grad(q, k, v)
-        out = None if collect else q.new_empty(rows, n_blocks * block, head_dim)  # (batch*heads, padded_len, d)
-        dense_parts, sparse_parts = [], []
-        if dense_rows:  # global query blocks attend to every key
-            dense_len = min(dense_rows * block, seq_len)
-            dense = blocks.attend(q[:, :, :dense_len], k, v, None, kernel=kernel)  # (batch, heads, dense_len, head_dim)
-            if out is None:
-                dense_parts.append(dense)
-            else:
-                out[:, :dense_len] = dense.reshape(rows, dense_len, head_dim)
-        if chunks:
-            q_blocks = pad_seq(q, block).reshape(rows, n_blocks, block, head_dim).transpose(0, 1)  # (nb, bh, b, d)
-            k_blocks = pad_seq(k, block).reshape(rows, n_blocks, block, head_dim)  # (b*h, n_blocks, block, d)
-            v_blocks = pad_seq(v, block).reshape(rows, n_blocks, block, head_dim)  # (b*h, n_blocks, block, d)
-            for start, stop, index, keep in chunks:
-                kept = (rows, stop - start, keep.shape[-1], head_dim)
-                k_kept = k_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
-                v_kept = v_blocks.index_select(1, index).view(kept).transpose(0, 1)  # (chunk, b*h, width*block, d)
-                part = blocks.attend(
-                    q_blocks[start:stop], k_kept, v_kept, keep, kernel=kernel
-                )  # (chunk, b*h, block, d)
-                if out is None:
-                    sparse_parts.append(part)
-                else:
-                    out.view(rows, n_blocks, block, head_dim).transpose(0, 1)[start:stop] = part  # (nb, bh, b, d)
-        if out is not None:
-            return out.view(batch, heads, n_blocks * block, head_dim)[:, :, :seq_len]  # (b, h, seq_len, d)
-        if sparse_parts:
-            sparse = torch.cat(sparse_parts, dim=0)  # (n_rows, batch*heads, block, head_dim)
-            sparse = sparse.transpose(0, 1).reshape(batch, heads, -1, head_dim)  # (batch, heads, n_rows*block, d)
-            dense_parts.append(sparse)
-        out = torch.cat(dense_parts, dim=2) if len(dense_parts) > 1 else dense_parts[0]  # (b, h, >= seq_len, d)
-        return out[:, :, :seq_len]  # (batch, heads, seq_len, head_dim)
+        n_blocks = layout.n_blocks
+        q_blocks = pad_seq(q, block).reshape(rows, n_blocks, block, head_dim)  # (batch*heads, n_blocks, block, d)
+        k_blocks = pad_seq(k, block).reshape(rows, n_blocks, block, head_dim)  # (batch*heads, n_blocks, block, d)
+        v_blocks = pad_seq(v, block).reshape(rows, n_blocks, block, head_dim)  # (batch*heads, n_blocks, block, d)
+        # per chunk: its query blocks, and its kept key and value blocks (every block for the dense rows)
+        reads = [
+            (
+                Span(1, chunk.start, chunk.stop - chunk.start),
+                *(2 * [Span(1, 0, n_blocks) if chunk.index is None else Rows(1, chunk.index)]),
+            )
+            for chunk in chunks
+        ]
+
+        def attend(number: int, q_part, k_part, v_part):  # q_part (b*h, m, block, d) -> (b*h, m, block, d)
+            chunk = chunks[number]
+            m = chunk.stop - chunk.start
+            if chunk.index is None:  # dense rows: k_part and v_part are every block
+                dense = blocks.attend(  # 4-d: PyTorch's fused CPU kernel takes no 3-d inputs
+                    q_part.reshape(rows, 1, m * block, head_dim),  # (batch*heads, 1, m*block, d)
+                    k_part.reshape(rows, 1, n_blocks * block, head_dim),  # (batch*heads, 1, padded_len, d)
+                    v_part.reshape(rows, 1, n_blocks * block, head_dim),
+                    chunk.keep,
+                    kernel=kernel,
+                )  # (batch*heads, 1, m*block, head_dim)
+                return (dense.view(rows, m, block, head_dim),)
+            kept = (rows, m, k_part.shape[1] // m * block, head_dim)
+            part = blocks.attend(
+                q_part.transpose(0, 1),  # (m, batch*heads, block, d)
+                k_part.view(kept).transpose(0, 1),  # (m, batch*heads, width*block, d)
+                v_part.view(kept).transpose(0, 1),
+                chunk.keep,
+                kernel=kernel,
+            )  # (m, batch*heads, block, head_dim)
+            return (part.transpose(0, 1),)  # (batch*heads, m, block, head_dim)
+
+        if needs_grad(q, k, v):  # one node whose backward costs O(a chunk) per chunk (see chunked)
+            out = chunked(attend, reads, q_blocks, k_blocks, v_blocks, dim=1)[0]  # (b*h, n_blocks, block, d)
+        else:  # each chunk written straight into the output
+            out = q.new_empty(rows, n_blocks, block, head_dim)  # (batch*heads, n_blocks, block, head_dim)
+            for number, (chunk, chunk_reads) in enumerate(zip(chunks, reads, strict=True)):
+                parts = [read.take(x) for read, x in zip(chunk_reads, (q_blocks, k_blocks, v_blocks), strict=True)]
+                out[:, chunk.start : chunk.stop] = attend(number, *parts)[0]
+        return out.view(batch, heads, n_blocks * block, head_dim)[:, :, :seq_len]  # (batch, heads, seq_len, d)
 
     @classmethod
     def config_error(cls, config):

@@ -51,3 +51,27 @@ def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     """||out - exact|| / ||exact|| (Frobenius), in float64."""
     out, exact = out.detach().double(), exact.detach().double()
     return float((out - exact).norm() / exact.norm())
+
+
+def directional_derivatives_match(fn, inputs, *, directions: int = 4, eps: float = 1e-6, rtol: float = 1e-5) -> bool:
+    """Whether autograd's gradients of ``fn`` (one backward, of a random weighting of its output) agree with central
+    finite differences along random directions, in float64: <grad, u> = (f(x + eps u) - f(x - eps u)) . w / 2 eps.
+
+    Like ``torch.autograd.gradcheck(fast_mode=True)``, but each backward follows a forward of its own, so it also
+    checks implementations whose backward runs once (``attention_impls.chunked``).
+    """
+    gen = torch.Generator().manual_seed(0)
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad((out * weights).sum(), leaves)
+    with torch.no_grad():
+        for _ in range(directions):
+            steps = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in leaves]
+            plus = fn(*(x + eps * u for x, u in zip(leaves, steps, strict=True)))
+            minus = fn(*(x - eps * u for x, u in zip(leaves, steps, strict=True)))
+            numeric = float(((plus - minus) * weights).sum()) / (2 * eps)
+            analytic = sum(float((g * u).sum()) for g, u in zip(grads, steps, strict=True))
+            if abs(numeric - analytic) > rtol * max(1.0, abs(numeric)):
+                return False
+    return True

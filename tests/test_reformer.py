@@ -11,7 +11,7 @@ import conformance
 from attention_impls import get
 from attention_impls.lsh import MAX_SINGLE_ROTATION, auto_n_buckets, bucket_factors
 from attention_impls.reformer import ReformerAttention
-from reference import reference_attention, rel_error
+from reference import directional_derivatives_match, reference_attention, rel_error
 
 HEADS = 2
 HEAD_DIM = 16
@@ -190,9 +190,7 @@ def test_gradients_finite_and_match_finite_differences(causal: bool) -> None:
     assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
     assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
     # the hashes are piecewise constant: away from a bucket boundary the function is smooth
-    assert torch.autograd.gradcheck(
-        lambda a, b: module(a, a, b, causal=causal), (q.detach().requires_grad_(), v), fast_mode=True
-    )
+    assert directional_derivatives_match(lambda a, b: module(a, a, b, causal=causal), (q, v))
 
 
 def test_same_seed_same_output_and_no_rng_use_in_forward() -> None:

@@ -10,8 +10,10 @@ Peers (PyPI, installed by ``nox -s peers``; not dependencies of attnbench):
 | `linear`    | `linear-attention-transformer`: ``linear_attn``, ``causal_linear_attn`` |
 
 Same shapes, dtype, threads and hyperparameters (window, projected length,
-bucket size and hash rounds); forward only, without autograd. Both sides of a
-pair are timed in alternation, ``--rounds`` times, and the medians of all
+bucket size and hash rounds), in two modes: ``fwd`` (without autograd) and
+``fwd+bwd`` (a training step: the forward, then the backward of its sum, with
+gradients for q, k and v, or for the input and every projection). Both sides
+of a pair are timed in alternation, ``--rounds`` times, and the medians of all
 their samples are compared. Linformer's peer includes the q/k/v/output
 projections, so ours is wrapped in the same four ``nn.Linear`` for that pair.
 The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's;
@@ -19,7 +21,7 @@ a second row runs ours with its softmax feature map) and the causal one skips
 its own bucket: same O(n d^2) algorithm, not the same function; the table
 says so.
 
-Run: ``nox -s peers`` (or ``python -m bench.measure.peers --seq-lens 8192,16384``).
+Run: ``nox -s peers`` (or ``python -m bench.measure.peers --seq-lens 8192,16384 --modes fwd,fwd+bwd``).
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ BATCH, HEADS, HEAD_DIM = 1, 8, 64
 D_MODEL = HEADS * HEAD_DIM
 
 
+MODES = ("fwd", "fwd+bwd")
+# a side of a pair, built for a length: (the call, the tensors a training step takes gradients of)
+Side = Callable[[int], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]
+
+
 @dataclasses.dataclass
 class Pair:
     label: str
-    ours: Callable[[int], Callable[[], object]]
-    peer: Callable[[int], Callable[[], object]]
+    ours: Side
+    peer: Side
     note: str = ""
 
 
@@ -55,16 +62,16 @@ def _qkv(seq_len: int) -> list[torch.Tensor]:
     return [torch.randn(BATCH, HEADS, seq_len, HEAD_DIM) for _ in range(3)]
 
 
-def _ours(name: str, *, causal: bool = False, **params) -> Callable[[int], Callable[[], object]]:
+def _ours(name: str, *, causal: bool = False, **params) -> Side:
     def make(seq_len: int):
         module = get(name, params).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM)
         q, k, v = _qkv(seq_len)
-        return lambda: module(q, k, v, causal=causal)
+        return (lambda: module(q, k, v, causal=causal)), [q, k, v, *module.parameters()]
 
     return make
 
 
-def _local_peer(window: int) -> Callable[[int], Callable[[], object]]:
+def _local_peer(window: int) -> Side:
     def make(seq_len: int):
         from local_attention import LocalAttention
 
@@ -78,12 +85,12 @@ def _local_peer(window: int) -> Callable[[int], Callable[[], object]]:
             use_rotary_pos_emb=False,
         )
         q, k, v = _qkv(seq_len)
-        return lambda: attn(q, k, v)
+        return (lambda: attn(q, k, v)), [q, k, v]
 
     return make
 
 
-def _reformer_peer(bucket_size: int, n_hashes: int) -> Callable[[int], Callable[[], object]]:
+def _reformer_peer(bucket_size: int, n_hashes: int) -> Side:
     def make(seq_len: int):
         from reformer_pytorch.reformer_pytorch import LSHAttention
 
@@ -91,19 +98,19 @@ def _reformer_peer(bucket_size: int, n_hashes: int) -> Callable[[int], Callable[
         q, _, v = _qkv(seq_len)
         qk = q.reshape(BATCH * HEADS, seq_len, HEAD_DIM)  # (batch * heads, seq_len, head_dim)
         vv = v.reshape(BATCH * HEADS, seq_len, HEAD_DIM)
-        return lambda: attn(qk, vv)[0]
+        return (lambda: attn(qk, vv)[0]), [qk, vv]
 
     return make
 
 
-def _linear_peer(*, causal: bool) -> Callable[[int], Callable[[], object]]:
+def _linear_peer(*, causal: bool) -> Side:
     def make(seq_len: int):
         from linear_attention_transformer.linear_attention_transformer import causal_linear_attn, linear_attn
 
         q, k, v = _qkv(seq_len)
         if causal:
-            return lambda: causal_linear_attn(q, k, v, bucket_size=64)
-        return lambda: linear_attn(q, k, v)
+            return (lambda: causal_linear_attn(q, k, v, bucket_size=64)), [q, k, v]
+        return (lambda: linear_attn(q, k, v)), [q, k, v]
 
     return make
 
@@ -129,24 +136,24 @@ class _Projected(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, seq_len, D_MODEL))  # (batch, seq_len, d_model)
 
 
-def _linformer_ours(k: int) -> Callable[[int], Callable[[], object]]:
+def _linformer_ours(k: int) -> Side:
     def make(seq_len: int):
         torch.manual_seed(0)
         module = _Projected(get("linformer", {"k": k}).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM))
         x = torch.randn(BATCH, seq_len, D_MODEL)
-        return lambda: module(x)
+        return (lambda: module(x)), [x, *module.parameters()]
 
     return make
 
 
-def _linformer_peer(k: int) -> Callable[[int], Callable[[], object]]:
+def _linformer_peer(k: int) -> Side:
     def make(seq_len: int):
         from linformer import LinformerSelfAttention
 
         torch.manual_seed(0)
         module = LinformerSelfAttention(dim=D_MODEL, seq_len=seq_len, k=k, heads=HEADS, share_kv=False)
         x = torch.randn(BATCH, seq_len, D_MODEL)
-        return lambda: module(x)
+        return (lambda: module(x)), [x, *module.parameters()]
 
     return make
 
@@ -181,17 +188,38 @@ def pairs() -> list[Pair]:
     ]
 
 
-def measure(pair: Pair, seq_len: int, *, rounds: int, min_time_s: float, threads: int) -> dict:
+def _timed(side: Side, seq_len: int, mode: str) -> Callable[[], object]:
+    """The call a mode times: the forward without autograd, or a training step (forward, backward of the sum)."""
+    call, leaves = side(seq_len)
+    if mode == "fwd":
+
+        def forward():
+            with torch.no_grad():
+                return call()
+
+        return forward
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        call().sum().backward()
+
+    return step
+
+
+def measure(pair: Pair, seq_len: int, mode: str, *, rounds: int, min_time_s: float, threads: int) -> dict:
     samples: dict[str, list[float]] = {"ours": [], "peer": []}
-    with torch.no_grad():
-        fns = {"ours": pair.ours(seq_len), "peer": pair.peer(seq_len)}
-        for _ in range(rounds):
-            for side, fn in fns.items():
-                stats = time_callable(fn, min_time_s=min_time_s, min_samples=3, num_threads=threads)
-                samples[side].extend(stats.samples)
+    fns = {"ours": _timed(pair.ours, seq_len, mode), "peer": _timed(pair.peer, seq_len, mode)}
+    for _ in range(rounds):
+        for side, fn in fns.items():
+            stats = time_callable(fn, min_time_s=min_time_s, min_samples=3, num_threads=threads)
+            samples[side].extend(stats.samples)
     ours_s, peer_s = statistics.median(samples["ours"]), statistics.median(samples["peer"])
     return {
         "pair": pair.label,
+        "mode": mode,
         "seq_len": seq_len,
         "ours_median_s": ours_s,
         "peer_median_s": peer_s,
@@ -205,16 +233,17 @@ def markdown(rows: list[dict], *, threads: int) -> str:
     lines = [
         "# attnbench against public implementations",
         "",
-        f"CPU, float32, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, forward without autograd, "
-        f"{threads} threads, torch {torch.__version__}. Medians of interleaved samples; "
-        "`ours / peer` below 1 means attnbench is faster. Built by `nox -s peers`.",
+        f"CPU, float32, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, {threads} threads, torch "
+        f"{torch.__version__}. `fwd`: the forward without autograd; `fwd+bwd`: a training step, the forward and "
+        "the backward of its sum, with gradients for q, k and v (linformer: for the input and every projection). "
+        "Medians of interleaved samples; `ours / peer` below 1 means attnbench is faster. Built by `nox -s peers`.",
         "",
-        "| mechanism | seq_len | ours (ms) | peer (ms) | ours / peer | note |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| mechanism | mode | seq_len | ours (ms) | peer (ms) | ours / peer | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['pair']} | {row['seq_len']} | {1e3 * row['ours_median_s']:.1f} | "
+            f"| {row['pair']} | {row['mode']} | {row['seq_len']} | {1e3 * row['ours_median_s']:.1f} | "
             f"{1e3 * row['peer_median_s']:.1f} | {row['ours_over_peer']:.2f} | {row['note']} |"
         )
     return "\n".join(lines) + "\n"
@@ -223,19 +252,24 @@ def markdown(rows: list[dict], *, threads: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", default="8192,16384")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="reports/peers.md")
     parser.add_argument("--json", default="results/peers.json")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     torch.set_num_threads(args.threads)
     rows = []
     for pair in pairs():
-        for seq_len in (int(n) for n in args.seq_lens.split(",")):
-            row = measure(pair, seq_len, rounds=args.rounds, min_time_s=args.min_time, threads=args.threads)
-            print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
+        for mode in modes:
+            for seq_len in (int(n) for n in args.seq_lens.split(",")):
+                row = measure(pair, seq_len, mode, rounds=args.rounds, min_time_s=args.min_time, threads=args.threads)
+                print(json.dumps(row), file=sys.stderr)
+                rows.append(row)
     text = markdown(rows, threads=args.threads)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
