@@ -139,20 +139,6 @@ def _query_blocks(q: torch.Tensor, geo: _Geometry, start: int, stop: int, *, kv_
     return rows.reshape(blocks_, batch * kv_heads, group * geo.block, head_dim)  # (blocks, b*kv_heads, g*block, d)
 
 
-def _key_windows(x: torch.Tensor, geo: _Geometry, start: int, stop: int) -> torch.Tensor:
-    """Key (or value) windows of blocks [start, stop): (stop - start, batch * kv_heads, span, head_dim).
-
-    Overlapping strided views of ``x`` (``unfold``): nothing is copied, except the short padded stretch
-    an edge block's window needs beyond either end of the keys.
-    """
-    kv_len = x.shape[2]
-    lo, hi = _stretch(geo, start, stop)
-    stretch = x[:, :, max(0, lo) : min(kv_len, hi)]  # (batch, kv_heads, <= hi - lo, head_dim)
-    if lo < 0 or hi > kv_len:
-        stretch = F.pad(stretch, (0, 0, max(0, -lo), max(0, hi - kv_len)))  # (batch, kv_heads, hi - lo, head_dim)
-    return _windows(stretch, geo)
-
-
 def _stretch(geo: _Geometry, start: int, stop: int) -> tuple[int, int]:
     """[lo, hi): the key positions the windows of query blocks [start, stop) cover (may pass either end)."""
     return start * geo.block + geo.offset - geo.window, stop * geo.block + geo.offset + geo.ahead
@@ -166,25 +152,38 @@ def _windows(stretch: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     return windows.reshape(windows.shape[0], batch * kv_heads, geo.span, head_dim)  # (blocks, b*kv_heads, span, d)
 
 
-def _attend_with_grad(q, k, v, geo: _Geometry, ranges, *, kv_heads: int, kernel: str) -> torch.Tensor:
-    """Every range's blocks attended under autograd, as one node whose backward costs O(a range) per range
-    (``chunked``): (batch * kv_heads, n_blocks, group * block, head_dim)."""
-    q_blocks = _query_blocks(q, geo, 0, geo.n_blocks, kv_heads=kv_heads)  # (n_blocks, b*kvh, g*block, d)
+def _attend_ranges(q, k, v, geo: _Geometry, ranges, *, kv_heads: int, kernel: str) -> torch.Tensor:
+    """Every range's blocks attended: (batch * kv_heads, n_blocks, group * block, head_dim).
+
+    A range of query blocks reads its queries and the stretch of keys and values its windows cover (the windows
+    are overlapping strided views of it; an edge range pads the short stretch beyond either end). Without
+    autograd each range is written straight into the output; under it, the ranges are one ``chunked`` node,
+    whose backward costs O(a range) per range.
+    """
     reads, pads = [], []
     for start, stop, _ in ranges:
+        queries = Span(2, start * geo.block, min(geo.q_len, stop * geo.block) - start * geo.block)
         lo, hi = _stretch(geo, start, stop)
         first, last = max(0, lo), min(geo.kv_len, hi)
-        keys = Span(2, first, last - first)  # the keys inside the sequence; an edge range pads the rest
-        reads.append((Span(0, start, stop - start), keys, keys))
+        keys = Span(2, first, last - first)  # the keys inside the sequence
+        reads.append((queries, keys, keys))
         pads.append((0, 0, first - lo, hi - last))
 
-    def attend(number: int, q_part, k_part, v_part):
+    def attend(number: int, q_part, k_part, v_part):  # -> (batch*kv_heads, blocks, group*block, head_dim)
+        start, stop, keep = ranges[number]
         if any(pads[number]):
             k_part, v_part = F.pad(k_part, pads[number]), F.pad(v_part, pads[number])  # (b, kvh, hi - lo, d)
-        part = blocks.attend(q_part, _windows(k_part, geo), _windows(v_part, geo), ranges[number][2], kernel=kernel)
-        return (part.transpose(0, 1),)  # (batch*kv_heads, blocks, group*block, head_dim)
+        q_blocks = _query_blocks(q_part, geo, 0, stop - start, kv_heads=kv_heads)  # (blocks, b*kvh, g*block, d)
+        part = blocks.attend(q_blocks, _windows(k_part, geo), _windows(v_part, geo), keep, kernel=kernel)
+        return (part.transpose(0, 1),)
 
-    return chunked(attend, reads, q_blocks, k, v, dim=1)[0]
+    if needs_grad(q, k, v):
+        return chunked(attend, reads, q, k, v, dim=1)[0]
+    batch, heads, _, head_dim = q.shape
+    out = q.new_empty(batch * kv_heads, geo.n_blocks, heads // kv_heads * geo.block, head_dim)
+    for number, ((start, stop, _), range_reads) in enumerate(zip(ranges, reads, strict=True)):
+        out[:, start:stop] = attend(number, *(read.take(x) for read, x in zip(range_reads, (q, k, v), strict=True)))[0]
+    return out
 
 
 @register("local")
@@ -237,7 +236,6 @@ class LocalAttention(AttentionModule):
             raise UnsupportedCase(_MORE_QUERIES)
         group = heads // kv_heads
         geo, interior_keep, edge_keep = self._cached_masks(q_len, kv_len, causal, group, q.device)
-        kernel = self.config.kernel
         rows = batch * kv_heads
         first, end = geo.interior
         if first < end:
@@ -249,16 +247,9 @@ class LocalAttention(AttentionModule):
         else:  # a short sequence: every block overhangs an end
             ranges = [(0, geo.n_blocks, edge_keep)]
         ranges = [(start, stop, keep) for start, stop, keep in ranges if start < stop]
-        if needs_grad(q, k, v):
-            out = _attend_with_grad(q, k, v, geo, ranges, kv_heads=kv_heads, kernel=kernel)  # (b*kvh, nb, g*blk, d)
-        else:  # each range written straight into the output
-            out = q.new_empty(rows, geo.n_blocks, group * geo.block, head_dim)  # (b*kvh, n_blocks, g*block, d)
-            for start, stop, keep in ranges:
-                q_blocks = _query_blocks(q, geo, start, stop, kv_heads=kv_heads)  # (blocks, b*kvh, g*block, d)
-                k_windows = _key_windows(k, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
-                v_windows = _key_windows(v, geo, start, stop)  # (blocks, batch*kv_heads, span, head_dim)
-                part = blocks.attend(q_blocks, k_windows, v_windows, keep, kernel=kernel)  # (blocks, b*kvh, g*blk, d)
-                out.transpose(0, 1)[start:stop] = part
+        out = _attend_ranges(
+            q, k, v, geo, ranges, kv_heads=kv_heads, kernel=self.config.kernel
+        )  # (b*kvh, nb, g*blk, d)
         out = out.reshape(batch, kv_heads, geo.n_blocks, group, geo.block, head_dim)  # (b, kvh, nb, g, block, d)
         out = out.transpose(2, 3).reshape(batch, heads, geo.n_blocks * geo.block, head_dim)  # (b, h, padded, d)
         return out[:, :, :q_len]  # (batch, heads, q_len, head_dim)

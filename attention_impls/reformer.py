@@ -376,30 +376,33 @@ class ReformerAttention(AttentionModule):
             return mask
 
         scores_to = _ScoreRules(self_score=self_score, mask_value=mask_value, exp_floor=exp_floor)
-        if recording:
-            # one node whose backward costs O(a block) per block (chunked): each block gathers its own rows
-            def attend(number: int, q_part, k_part, v_part):  # the gathered rows of chunks first - 1 .. last - 1
-                keys_t = blocks.unfold(k_part, 0, 2 * chunk, chunk)  # (m, head_dim, 2 * chunk)
-                values = blocks.unfold(v_part, 0, 2 * chunk, chunk).transpose(1, 2)  # (m, 2 * chunk, head_dim)
-                mask = block_mask(*spans[number])
-                # (m, chunk, head_dim) unnormalized, (m, chunk), (m, chunk)
-                return _LSHBlock.apply(q_part.view(-1, chunk, head_dim), keys_t, values, mask, scores_to)
+        # each block reads the rows of its query chunks and of their windows (chunks first - 1 .. last - 1)
+        reads = []
+        for first, last in spans:
+            index = gather_index[(first - 1) * chunk : last * chunk]
+            reads.append((Rows(0, index[chunk:]), Rows(0, index), Rows(0, index)))
 
-            reads = []
-            for first, last in spans:
-                index = gather_index[(first - 1) * chunk : last * chunk]  # chunks first - 1 .. last - 1
-                reads.append((Rows(0, index[chunk:]), Rows(0, index), Rows(0, index)))
+        def windows(number: int, q_part, k_part, v_part):
+            """A block's queries (m, chunk, d), keys (m, d, 2 chunk), values (m, 2 chunk, d) and mask."""
+            keys_t = blocks.unfold(k_part, 0, 2 * chunk, chunk)  # (m, head_dim, 2 * chunk)
+            values = blocks.unfold(v_part, 0, 2 * chunk, chunk).transpose(1, 2)  # (m, 2 * chunk, head_dim)
+            return q_part.view(-1, chunk, head_dim), keys_t, values, block_mask(*spans[number])
+
+        if recording:
+            # one node whose backward costs O(a block) per block (chunked); per block: (m, chunk, head_dim)
+            # unnormalized, (m, chunk) row max, (m, chunk) denominator
+            def attend(number: int, *parts):
+                return _LSHBlock.apply(*windows(number, *parts), scores_to)
+
             out, row_max, denom = chunked(attend, reads, q_rows, k_rows, v_rows)
         else:  # written in place: no list of blocks, no concatenated copy
             out = q.new_empty((groups - 1, chunk, head_dim))  # (query chunks, chunk, head_dim): unnormalized
             row_max = q.new_empty((groups - 1, chunk))  # (query chunks, chunk)
             denom = q.new_empty((groups - 1, chunk))
-            for first, last in spans:
-                index = gather_index[(first - 1) * chunk : last * chunk]  # chunks first - 1 .. last - 1
-                queries = q_rows.index_select(0, index[chunk:]).view(-1, chunk, head_dim)  # (m, chunk, head_dim)
-                keys_t = k_rows.index_select(0, index).unfold(0, 2 * chunk, chunk)  # (m, head_dim, 2 * chunk)
-                values = v_rows.index_select(0, index).unfold(0, 2 * chunk, chunk).transpose(1, 2)  # (m, 2c, d)
-                weights, block_max = _block_weights(queries, keys_t, block_mask(first, last), scores_to)
+            for number, ((first, last), block_reads) in enumerate(zip(spans, reads, strict=True)):
+                parts = (read.take(x) for read, x in zip(block_reads, (q_rows, k_rows, v_rows), strict=True))
+                queries, keys_t, values, mask = windows(number, *parts)
+                weights, block_max = _block_weights(queries, keys_t, mask, scores_to)
                 torch.sum(weights, dim=-1, out=denom[first - 1 : last - 1])
                 row_max[first - 1 : last - 1] = block_max.view(-1, chunk)
                 torch.bmm(weights, values, out=out[first - 1 : last - 1])
