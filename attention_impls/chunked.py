@@ -38,6 +38,9 @@ class Span:
     def give(self, total: torch.Tensor, grad: torch.Tensor) -> None:
         total.narrow(self.dim, self.start, self.length).add_(grad)
 
+    def whole(self, shape: torch.Size) -> bool:
+        return self.start == 0 and self.length == shape[self.dim]
+
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
@@ -51,6 +54,9 @@ class Rows:
 
     def give(self, total: torch.Tensor, grad: torch.Tensor) -> None:
         total.index_add_(self.dim, self.index, grad)
+
+    def whole(self, shape: torch.Size) -> bool:
+        return False  # (an index may repeat or skip entries)
 
 
 Read = Span | Rows
@@ -82,34 +88,58 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         if ctx.graphs is None:
             raise RuntimeError("a chunked attention's backward runs once: each chunk's graph is freed as it goes")
-        totals = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2]) for meta in ctx.inputs]
-        start = 0
-        for (outs, parts), chunk_reads in zip(ctx.graphs, ctx.reads, strict=True):
-            size = outs[0].shape[ctx.dim]
-            pairs = [
-                (out, grad.narrow(ctx.dim, start, size))
-                for out, grad in zip(outs, grads, strict=True)
-                if out.requires_grad
+        totals: list[torch.Tensor | None] = [None] * len(ctx.inputs)  # each input's gradient, from its first part on
+        graphs = ctx.graphs
+        sizes = [outs[0].shape[ctx.dim] for outs, _ in graphs]
+        starts = [sum(sizes[:number]) for number in range(len(sizes))]
+        # the last chunk first, as autograd would; each chunk's outputs and parts are let go once it is done
+        for number in reversed(range(len(graphs))):
+            (outs, parts), graphs[number] = graphs[number], None
+            chunk_grads = [
+                None if grad is None else grad.narrow(ctx.dim, starts[number], sizes[number]) for grad in grads
             ]
-            pairs = [(out, grad) for out, grad in pairs if grad is not None]
-            wanted = [
-                (part, read, total)
-                for part, read, total in zip(parts, chunk_reads, totals, strict=True)
-                if total is not None
-            ]
-            if pairs and wanted:
-                got = torch.autograd.grad(
-                    [out for out, _ in pairs],
-                    [part for part, _, _ in wanted],
-                    [grad for _, grad in pairs],
-                    allow_unused=True,
-                )
-                for (_, read, total), grad in zip(wanted, got, strict=True):
-                    if grad is not None:
-                        read.give(total, grad)
-            start += size
-        ctx.graphs = None  # each chunk's graph was freed by its autograd.grad; drop the references
+            _add_chunk_grads(outs, parts, ctx.reads[number], chunk_grads, totals, ctx.inputs)
+        ctx.graphs = None  # a second backward finds nothing to run
+        missing = [total is None and meta is not None for total, meta in zip(totals, ctx.inputs, strict=True)]
+        totals = [_zeros(meta) if gap else total for total, meta, gap in zip(totals, ctx.inputs, missing, strict=True)]
         return (None, None, None, *totals)
+
+
+def _zeros(meta: tuple) -> torch.Tensor:
+    shape, dtype, device = meta
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _owned(grad: torch.Tensor, incoming: Sequence[torch.Tensor | None]) -> bool:
+    """Whether ``grad`` may be added into: dense (no expanded dims) and sharing no memory with the incoming
+    gradients (``fn`` may pass a part straight through, and its gradient is then the incoming one)."""
+    storage = grad.untyped_storage().data_ptr()
+    shared = any(g is not None and g.untyped_storage().data_ptr() == storage for g in incoming)
+    return grad.is_contiguous() and not shared
+
+
+def _add_chunk_grads(outs, parts, reads: Sequence[Read], grads, totals: list, inputs: list) -> None:
+    """One chunk's backward: the gradients of its parts, from its outputs' gradients, added into ``totals``.
+
+    An input's total is made at its first gradient: that gradient itself when the part is the whole input (a
+    sequence of one chunk, or a chunk that reads every key), else zeros it is added into.
+    """
+    pairs = [(out, grad) for out, grad in zip(outs, grads, strict=True) if out.requires_grad and grad is not None]
+    wanted = [(i, part, read) for i, (part, read) in enumerate(zip(parts, reads, strict=True)) if inputs[i] is not None]
+    if not (pairs and wanted):
+        return
+    got = torch.autograd.grad(
+        [out for out, _ in pairs], [part for _, part, _ in wanted], [grad for _, grad in pairs], allow_unused=True
+    )
+    for (i, _, read), grad in zip(wanted, got, strict=True):
+        if grad is None:
+            continue
+        if totals[i] is None and read.whole(inputs[i][0]) and _owned(grad, grads):
+            totals[i] = grad  # a new tensor of its own: later parts are added into it
+            continue
+        if totals[i] is None:
+            totals[i] = _zeros(inputs[i])
+        read.give(totals[i], grad)
 
 
 def chunked(

@@ -140,6 +140,21 @@ _FEATURE_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 }
 
 
+def _blockwise(length: int, block: int, compute) -> tuple[torch.Tensor, ...]:
+    """``compute(start, stop)``'s tensors (batch, heads, stop - start, e) for each block of positions, put together
+    along the positions: written into one tensor each, or, for a single block, the block's own."""
+    if block >= length:
+        return compute(0, length)
+    totals = None
+    for start in range(0, length, block):
+        parts = compute(start, min(length, start + block))
+        if totals is None:
+            totals = [part.new_empty(*part.shape[:2], length, part.shape[3]) for part in parts]
+        for total, part in zip(totals, parts, strict=True):
+            total[:, :, start : start + part.shape[2]] = part
+    return tuple(totals)
+
+
 class _NonCausal(torch.autograd.Function):
     """Non-causal linear attention under autograd: the forward is the blocked one of ``_noncausal`` (each block's
     feature maps computed in cache), and the backward, written out, walks the same blocks, recomputing the
@@ -172,22 +187,26 @@ class _NonCausal(torch.autograd.Function):
         d_rows = group_queries(d_out, kv_heads)  # (batch, kv_heads, rows, head_dim)
         z = state[..., dim_v:]  # (batch, kv_heads, head_dim, 1)
         d_state = torch.zeros_like(state)  # (batch, kv_heads, head_dim, head_dim + 1)
-        d_q = torch.empty_like(rows)  # (batch, kv_heads, rows, head_dim)
-        for start in range(0, rows.shape[2], block):
-            phi_q = phi(rows[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
+
+        def query_grads(start: int, stop: int) -> tuple[torch.Tensor]:  # and d_state, summed over the blocks
+            phi_q = phi(rows[:, :, start:stop]).to(acc)  # (batch, kv_heads, length, head_dim)
             raw = phi_q @ z  # (batch, kv_heads, length, 1): the normalizer before its floor
-            d_value = d_rows[:, :, start : start + block].to(acc) / raw.clamp_min(eps)  # (..., length, head_dim)
-            d_den = (d_value * out_rows[:, :, start : start + block]).sum(dim=-1, keepdim=True).neg_()
-            d_num = torch.cat([d_value, d_den.masked_fill_(raw < eps, 0.0)], dim=-1)  # (..., length, head_dim + 1)
-            d_state += phi_q.transpose(-2, -1) @ d_num
-            d_q[:, :, start : start + block] = grad(phi_q, d_num @ state.transpose(-2, -1))
+            d_num = phi_q.new_empty(*phi_q.shape[:-1], dim_v + 1)  # (batch, kv_heads, length, head_dim + 1)
+            d_value = torch.div(d_rows[:, :, start:stop], raw.clamp_min(eps), out=d_num[..., :dim_v])
+            d_den = torch.linalg.vecdot(d_value, out_rows[:, :, start:stop].to(acc)).unsqueeze(-1).neg_()
+            d_num[..., dim_v:] = d_den.masked_fill_(raw < eps, 0.0)
+            d_state.add_(phi_q.transpose(-2, -1) @ d_num)
+            return (grad(phi_q, d_num @ state.transpose(-2, -1)).to(q.dtype),)
+
+        (d_q,) = _blockwise(rows.shape[2], block, query_grads)  # (batch, kv_heads, rows, head_dim)
         d_s, d_z = d_state[..., :dim_v], d_state[..., dim_v:].transpose(-2, -1)  # (b, kvh, d, d), (b, kvh, 1, d)
-        d_k, d_v = torch.empty_like(k), torch.empty_like(v)  # (batch, kv_heads, n, head_dim)
-        for start in range(0, k.shape[2], block):
-            phi_k = phi(k[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
-            d_phi_k = (v[:, :, start : start + block].to(acc) @ d_s.transpose(-2, -1)).add_(d_z)
-            d_k[:, :, start : start + block] = grad(phi_k, d_phi_k)
-            d_v[:, :, start : start + block] = phi_k @ d_s
+
+        def key_grads(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            phi_k = phi(k[:, :, start:stop]).to(acc)  # (batch, kv_heads, length, head_dim)
+            d_phi_k = (v[:, :, start:stop].to(acc) @ d_s.transpose(-2, -1)).add_(d_z)
+            return grad(phi_k, d_phi_k).to(k.dtype), (phi_k @ d_s).to(v.dtype)
+
+        d_k, d_v = _blockwise(k.shape[2], block, key_grads)  # (batch, kv_heads, n, head_dim) each
         return ungroup_queries(d_q, heads), d_k, d_v, None, None, None
 
 

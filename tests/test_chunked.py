@@ -102,3 +102,16 @@ def test_a_training_step_has_no_slice_gradient_per_block(name: str, monkeypatch:
     assert short.count("_ChunkedBackward") == long.count("_ChunkedBackward") == 1, long
     for kind in ("SliceBackward0", "IndexSelectBackward0"):
         assert short.count(kind) == long.count(kind), (kind, short.count(kind), long.count(kind))
+
+
+def test_a_part_passed_through_leaves_the_incoming_gradient_alone() -> None:
+    """A chunk that returns its whole part unchanged gets the incoming gradient itself as the part's gradient:
+    adding the other chunks into it would change what they read."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    reads = [(Span(0, 0, 4),), (Span(0, 0, 4),)]
+    (out,) = chunked(lambda number, a: (a if number == 0 else 2 * a,), reads, x)
+    weights = torch.randn(8, 3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, x, weights)
+    torch.testing.assert_close(grad, weights[:4] + 2 * weights[4:], rtol=0, atol=1e-15)
+    (expanded,) = torch.autograd.grad(chunked(lambda number, a: (a,), reads, x)[0].sum(), x)
+    torch.testing.assert_close(expanded, torch.full_like(x, 2.0))

@@ -86,8 +86,9 @@ def test_spans_several_blocks(causal: bool, chunk_size: int, small_blocks: int) 
 
 
 def test_same_result_with_and_without_autograd(small_blocks: int) -> None:
-    """Without autograd each block is written straight into the output; with it the blocks are one (a slice's
-    backward would fill a whole-input gradient per block): the same result but for the order of the sums."""
+    """Without autograd each block is written straight into the output; with it, non-causal runs the same blocks
+    inside one autograd function and causal runs one block (a slice's backward would fill a whole-input
+    gradient per block): the same result but for the order of the sums."""
     q, k, v = make_qkv(1500)
     module = build(1500)
     for causal in (False, True):
@@ -194,3 +195,17 @@ def test_elu_feature_map_equals_elu_plus_one_with_its_gradient() -> None:
     with torch.no_grad():  # the in-place path
         # exp(x) is more accurate than expm1(x) + 1 for very negative x, hence the absolute tolerance
         assert torch.allclose(phi(x), expected, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu", "softmax"])
+def test_written_out_backward_matches_the_quadratic_form(feature_map: str, small_blocks: int) -> None:
+    """The non-causal training step's hand-written backward, over several blocks, for every feature map."""
+    inputs = make_qkv(700)
+    weights = torch.randn(2, HEADS, 700, HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    module = build(700, feature_map=feature_map)
+    grads = []
+    for fn in (module, lambda q, k, v: quadratic_form(q, k, v, causal=False, feature_map=feature_map, eps=1e-6)):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        grads.append(torch.autograd.grad((fn(*leaves) * weights).sum(), leaves))
+    for ours, ref in zip(*grads, strict=True):
+        assert rel_err(ours, ref) < 1e-10
