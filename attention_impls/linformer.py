@@ -87,6 +87,23 @@ def make_projection(init: str, *, k: int, seq_len: int, generator: torch.Generat
     raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
+def _project(proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """E X for every (batch, head): proj (k, seq_len), x (batch, kv_heads, seq_len, d) -> (batch, kv_heads, k, d).
+
+    Without autograd, E expanded over (batch, kv_heads) (a stride-0 view): one batched product without copies
+    (a plain 2-D E makes torch.matmul fold the batch into a transposed copy of X, 3x slower at long lengths).
+    Under autograd, one product of E with every head's columns side by side, (seq_len, batch * kv_heads * d):
+    E's gradient is then one product too, where the expanded E's is a (batch * kv_heads, k, seq_len) product
+    summed afterwards (a view of x when its heads are interleaved, as a projection's output is).
+    """
+    batch, kv_heads, seq_len, dim = x.shape
+    if not needs_grad(proj, x):
+        return torch.matmul(proj.expand(batch, kv_heads, *proj.shape), x)  # (batch, kv_heads, k, d)
+    columns = x.permute(2, 0, 1, 3).reshape(seq_len, batch * kv_heads * dim)  # (seq_len, batch * kv_heads * d)
+    projected = (proj @ columns).view(proj.shape[0], batch, kv_heads, dim)  # (k, batch, kv_heads, d)
+    return projected.permute(1, 2, 0, 3)  # (batch, kv_heads, k, d)
+
+
 def linformer_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj_k: torch.Tensor, proj_v: torch.Tensor
 ) -> torch.Tensor:
@@ -102,12 +119,8 @@ def linformer_attention(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     scale = 1.0 / math.sqrt(dim)
-    # E expanded over (batch, kv_heads) (a stride-0 view): one batched product without copies; a plain 2-D E
-    # makes torch.matmul fold the batch into a transposed copy of K, 3x slower at long lengths
-    proj_k = proj_k.expand(batch, kv_heads, *proj_k.shape)  # (batch, kv_heads, k, seq_len)
-    proj_v = proj_v.expand(batch, kv_heads, *proj_v.shape)  # (batch, kv_heads, k, seq_len)
-    keys_t = torch.matmul(proj_k, k).transpose(-2, -1) * scale  # (batch, kv_heads, head_dim, k), scaled
-    values = torch.matmul(proj_v, v)  # (batch, kv_heads, k, head_dim)
+    keys_t = _project(proj_k, k).transpose(-2, -1) * scale  # (batch, kv_heads, head_dim, k), scaled
+    values = _project(proj_v, v)  # (batch, kv_heads, k, head_dim)
     q_rows = group_queries(q, kv_heads)  # (batch, kv_heads, group * q_len, head_dim)
     n_rows = q_rows.shape[2]
     rows = max(1, _SCORES_BLOCK // (batch * kv_heads * keys_t.shape[-1]))

@@ -53,7 +53,8 @@ def test_default_is_a_usable_approximation(seq_len: int) -> None:
 
 
 def test_query_blocks_agree_with_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Long enough for several query blocks, with and without autograd, against the unblocked product."""
+    """Long enough for several query blocks, with and without autograd, against the unblocked product (under
+    autograd the projections are one product over every head instead of one per head: equal to rounding)."""
     import attention_impls.linformer as linformer
 
     q, k, v = make_qkv(1000)
@@ -64,7 +65,7 @@ def test_query_blocks_agree_with_one_block(monkeypatch: pytest.MonkeyPatch) -> N
         blocked = module(q, k, v)
     tracked = module(q.clone().requires_grad_(True), k, v)
     assert rel_error(blocked, whole) <= 1e-13
-    assert torch.equal(blocked, tracked.detach())
+    assert rel_error(tracked.detach(), blocked) <= 1e-13
     tracked.sum().backward()
 
 
