@@ -24,6 +24,10 @@ output. The only allocation that grows with n is the output itself: memory
 O(n d), and no large temporaries (which on CPU cost page faults as much as
 arithmetic).
 
+Under autograd both forms are one autograd function each, whose backward is written out and walks the same
+blocks, recomputing the feature maps (``_NonCausal``, ``_Causal``): it keeps the inputs, the output and the
+states entering the blocks, not every block's intermediates.
+
 For float16 and bfloat16 inputs the sums over positions (S and z, the chunk
 states and their prefix sums, and each query's product with them) are kept in
 float32: a float16 sum overflows near 56K positions of order-one terms, and a
@@ -64,8 +68,9 @@ from attention_impls.registry import register
 __all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
 
 # elements (batch x heads x positions x head_dim) of q handled by one vectorized step on the CPU, rounded to
-# whole chunks: bounds the temporaries (b=1, h=8, d=64: 2048 positions, causal 1024; measured best on CPU)
-_BLOCK_ELEMENTS = 1 << 20
+# whole chunks: bounds the temporaries (b=1, h=8, d=64: 1024 positions, causal 1024; measured best on CPU: the
+# non-causal forward at 8192 tokens took 16.8 ms with 2^19, 18.2 with 2^20, 16.7 with 2^18, 21.1 with 2^17)
+_BLOCK_ELEMENTS = 1 << 19
 _CAUSAL_BLOCK_ELEMENTS = 1 << 19
 # the same on accelerators, where a step is a dozen kernel launches whatever its size (the CPU's values would
 # make it launch-bound): on CUDA, 128K positions at b=1, h=8, d=64 in one step (64K causal), whose temporaries
@@ -155,6 +160,34 @@ def _blockwise(length: int, block: int, compute) -> tuple[torch.Tensor, ...]:
     return tuple(totals)
 
 
+def _key_state_grads(
+    k: torch.Tensor, v: torch.Tensor, d_state: torch.Tensor, *, name: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of k and v (batch, kv_heads, n, d) from the gradient of (S | z) = sum_j phi(k_j) (v_j | 1)^T:
+    dphi(K) = V dS^T + dz, dV = phi(K) dS, a block of positions at a time."""
+    phi, grad, dim_v = FEATURE_MAPS[name], _FEATURE_GRADS[name], v.shape[-1]
+    d_s, d_z = d_state[..., :dim_v], d_state[..., dim_v:].transpose(-2, -1)  # (b, kvh, d, d), (b, kvh, 1, d)
+
+    def key_grads(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        phi_k = phi(k[:, :, start:stop]).to(d_state.dtype)  # (batch, kv_heads, length, head_dim)
+        d_phi_k = (v[:, :, start:stop].to(d_state.dtype) @ d_s.transpose(-2, -1)).add_(d_z)
+        return grad(phi_k, d_phi_k).to(k.dtype), (phi_k @ d_s).to(v.dtype)
+
+    return _blockwise(k.shape[2], block, key_grads)
+
+
+def _numerator_grads(d_out: torch.Tensor, out: torch.Tensor, raw: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """dN = (dOut / den | -(dOut . out) / den), den = max(raw, eps), the second column zero where eps holds den:
+    the gradient of num = (numerator | normalizer) from that of out = numerator / den. d_out, out (..., rows, d)
+    and raw (..., rows, 1) -> (..., rows, d + 1), in raw's dtype."""
+    dim_v = out.shape[-1]
+    d_num = raw.new_empty(*raw.shape[:-1], dim_v + 1)  # (..., rows, head_dim + 1)
+    d_value = torch.div(d_out, raw.clamp_min(eps), out=d_num[..., :dim_v])
+    d_den = torch.linalg.vecdot(d_value, out.to(raw.dtype)).unsqueeze(-1).neg_()
+    d_num[..., dim_v:] = d_den.masked_fill_(raw < eps, 0.0)
+    return d_num
+
+
 class _NonCausal(torch.autograd.Function):
     """Non-causal linear attention under autograd: the forward is the blocked one of ``_noncausal`` (each block's
     feature maps computed in cache), and the backward, written out, walks the same blocks, recomputing the
@@ -191,22 +224,12 @@ class _NonCausal(torch.autograd.Function):
         def query_grads(start: int, stop: int) -> tuple[torch.Tensor]:  # and d_state, summed over the blocks
             phi_q = phi(rows[:, :, start:stop]).to(acc)  # (batch, kv_heads, length, head_dim)
             raw = phi_q @ z  # (batch, kv_heads, length, 1): the normalizer before its floor
-            d_num = phi_q.new_empty(*phi_q.shape[:-1], dim_v + 1)  # (batch, kv_heads, length, head_dim + 1)
-            d_value = torch.div(d_rows[:, :, start:stop], raw.clamp_min(eps), out=d_num[..., :dim_v])
-            d_den = torch.linalg.vecdot(d_value, out_rows[:, :, start:stop].to(acc)).unsqueeze(-1).neg_()
-            d_num[..., dim_v:] = d_den.masked_fill_(raw < eps, 0.0)
+            d_num = _numerator_grads(d_rows[:, :, start:stop], out_rows[:, :, start:stop], raw, eps=eps)
             d_state.add_(phi_q.transpose(-2, -1) @ d_num)
             return (grad(phi_q, d_num @ state.transpose(-2, -1)).to(q.dtype),)
 
         (d_q,) = _blockwise(rows.shape[2], block, query_grads)  # (batch, kv_heads, rows, head_dim)
-        d_s, d_z = d_state[..., :dim_v], d_state[..., dim_v:].transpose(-2, -1)  # (b, kvh, d, d), (b, kvh, 1, d)
-
-        def key_grads(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            phi_k = phi(k[:, :, start:stop]).to(acc)  # (batch, kv_heads, length, head_dim)
-            d_phi_k = (v[:, :, start:stop].to(acc) @ d_s.transpose(-2, -1)).add_(d_z)
-            return grad(phi_k, d_phi_k).to(k.dtype), (phi_k @ d_s).to(v.dtype)
-
-        d_k, d_v = _blockwise(k.shape[2], block, key_grads)  # (batch, kv_heads, n, head_dim) each
+        d_k, d_v = _key_state_grads(k, v, d_state, name=ctx.name, block=block)  # (batch, kv_heads, n, d) each
         return ungroup_queries(d_q, heads), d_k, d_v, None, None, None
 
 
@@ -320,11 +343,12 @@ def _causal(
     block: int,
     eps: float,
     state: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks.
 
     q (batch, heads, length, d) and k, v (batch, kv_heads, length, d) are aligned position by position;
-    ``state`` (batch, kv_heads, d, d + 1) holds the keys before them (cross lengths), None: nothing.
+    ``state`` (batch, kv_heads, d, d + 1) holds the keys before them (cross lengths), None: nothing. Returns the
+    output and the state entering each block of ``block`` positions.
     """
     batch, heads, seq_len, dim = q.shape
     kv_heads, dim_v = k.shape[1], v.shape[-1]
@@ -337,7 +361,9 @@ def _causal(
     keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1) if group > 1 else None
     whole = block >= seq_len  # one block (always under autograd): no output buffer to write slices of
     out = None if whole else v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
+    entering = []  # the state entering each block
     for start in range(0, seq_len, block):
+        entering.append(state)
         stop = min(start + block, seq_len)
         # padding (only in the last block) goes after every real position: causally invisible,
         # and phi(k) is padded with zeros, so it adds nothing to any state
@@ -364,9 +390,84 @@ def _causal(
         num = torch.matmul(q_c.to(acc), prefix) + torch.matmul(scores, v_c)
         num = _unchunk_rows(num, heads=heads, chunk=chunk)  # (batch, heads, padded, head_dim + 1)
         if whole:
-            return _quotient(num[:, :, :seq_len], dim_v=dim_v, eps=eps).to(v.dtype)  # (batch, heads, seq_len, d)
+            return _quotient(num[:, :, :seq_len], dim_v=dim_v, eps=eps).to(v.dtype), entering  # (b, h, seq_len, d)
         _store(out, start, num, eps=eps)
-    return out
+    return out, entering
+
+
+class _Causal(torch.autograd.Function):
+    """Causal linear attention under autograd: the forward is the blocked one of ``_causal``, and the backward,
+    written out, walks the blocks from the last, recomputing each block's feature maps and chunk states from the
+    state that entered it (kept from the forward, with the inputs and the output). Per chunk c of a block, with
+    P_c the state before the chunk, C_c = phi(K_c)^T (V_c | 1) and A_c = tril(phi(Q_c) phi(K_c)^T):
+
+        num_c = phi(Q_c) P_c + A_c (V_c | 1);  dN_c as for the non-causal form
+        dphi(Q_c) = dN_c P_c^T + tril(dN_c (V_c | 1)^T) phi(K_c)
+        dC_c = G + sum over the block's later chunks c' of phi(Q_c')^T dN_c'   (G: the gradient of the state the
+        block hands on, from the blocks after it)
+        dphi(K_c) = tril(dN_c (V_c | 1)^T)^T phi(Q_c) + (V_c | 1) dC_c^T,  d(V_c | 1) = A_c^T dN_c + phi(K_c) dC_c
+
+    and the state entering the block gets G + sum_c phi(Q_c)^T dN_c. The keys before the queries (cross lengths)
+    get theirs from the state's gradient at the start, as the non-causal keys do.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, name: str, chunk: int, block: int, eps: float):
+        out, entering = _causal_with_earlier_keys(q, k, v, phi=FEATURE_MAPS[name], chunk=chunk, block=block, eps=eps)
+        ctx.save_for_backward(q, k, v, out, *entering)
+        ctx.name, ctx.chunk, ctx.block, ctx.eps = name, chunk, block, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, out, *entering = ctx.saved_tensors
+        phi, grad, chunk, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.chunk, ctx.block, ctx.eps
+        heads, q_len = q.shape[1], q.shape[2]
+        kv_heads, dim_v = k.shape[1], v.shape[-1]
+        before = k.shape[2] - q_len
+        acc = entering[0].dtype
+        group = heads // kv_heads
+        keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1)  # (group * chunk, chunk)
+        d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        g_state = torch.zeros_like(entering[0])  # (batch, kv_heads, head_dim, head_dim + 1): G
+        starts = list(range(0, q_len, block))
+        for start, state in zip(reversed(starts), reversed(entering), strict=True):
+            stop = min(start + block, q_len)
+            length = stop - start
+
+            phi_q = phi(q[:, :, start:stop]).to(acc)  # (batch, heads, length, head_dim)
+            phi_k = phi(k[:, :, before + start : before + stop]).to(acc)  # (batch, kv_heads, length, head_dim)
+            tail_v = v[:, :, before + start : before + stop]
+            q_c = _chunk_rows(pad_seq(phi_q, chunk), kv_heads=kv_heads, chunk=chunk)  # (b, kvh, nc, g*chunk, d)
+            k_c = pad_seq(phi_k, chunk).unflatten(2, (-1, chunk))  # (batch, kv_heads, nc, chunk, head_dim)
+            v_c = pad_seq(_with_ones(tail_v.to(acc)), chunk).unflatten(2, (-1, chunk))  # (b, kvh, nc, chunk, d + 1)
+            scores = (q_c @ k_c.transpose(-2, -1)).masked_fill_(~keep, 0)  # (b, kvh, nc, g*chunk, chunk): A_c
+            chunk_states = k_c.transpose(-2, -1) @ v_c  # (batch, kv_heads, nc, head_dim, head_dim + 1): C_c
+            prefix = torch.cat([state.unsqueeze(2), chunk_states[:, :, :-1]], dim=2).cumsum(dim=2)  # P_c
+            raw = q_c @ prefix[..., dim_v:] + scores @ v_c[..., dim_v:]  # (b, kvh, nc, g*chunk, 1)
+            rows = (d_out, out)
+            d_out_c, out_c = (
+                _chunk_rows(pad_seq(x[:, :, start:stop], chunk), kv_heads=kv_heads, chunk=chunk) for x in rows
+            )
+            d_num = _numerator_grads(d_out_c, out_c, raw, eps=eps)  # (b, kvh, nc, g*chunk, head_dim + 1)
+            d_prefix = q_c.transpose(-2, -1) @ d_num  # (batch, kv_heads, nc, head_dim, head_dim + 1)
+            later = d_prefix.flip(2).cumsum(dim=2).flip(2) - d_prefix  # sum over the block's later chunks
+            d_states = later + g_state.unsqueeze(2)  # (batch, kv_heads, nc, head_dim, head_dim + 1): dC_c
+            g_state = g_state + d_prefix.sum(dim=2)  # the gradient of the state entering this block
+            d_scores = (d_num @ v_c.transpose(-2, -1)).masked_fill_(~keep, 0)  # (b, kvh, nc, g*chunk, chunk)
+            d_phi_q = d_num @ prefix.transpose(-2, -1) + d_scores @ k_c  # (b, kvh, nc, g*chunk, head_dim)
+            d_phi_k = d_scores.transpose(-2, -1) @ q_c + v_c @ d_states.transpose(-2, -1)  # (b, kvh, nc, c, d)
+            d_v_c = scores.transpose(-2, -1) @ d_num + k_c @ d_states  # (batch, kv_heads, nc, chunk, head_dim + 1)
+            d_phi_q = _unchunk_rows(d_phi_q, heads=heads, chunk=chunk)[:, :, :length]  # (b, h, length, d)
+            d_q[:, :, start:stop] = grad(phi_q, d_phi_q)
+            d_k[:, :, before + start : before + stop] = grad(phi_k, d_phi_k.flatten(2, 3)[:, :, :length])
+            d_v[:, :, before + start : before + stop] = d_v_c.flatten(2, 3)[:, :, :length, :dim_v]
+        if before:
+            d_k[:, :, :before], d_v[:, :, :before] = _key_state_grads(
+                k[:, :, :before], v[:, :, :before], g_state, name=ctx.name, block=block
+            )
+        return d_q, d_k, d_v, None, None, None, None
 
 
 def linear_attention(
@@ -386,18 +487,22 @@ def linear_attention(
     assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
     assert eps > 0, f"eps must be > 0, got {eps}"
     phi = feature_map(feature_map_name)
-    q_len, kv_len = q.shape[2], k.shape[2]
-    chunk = min(chunk_size, q_len)
+    chunk = min(chunk_size, q.shape[2])
     block = _block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
     if not causal:
         if needs_grad(q, k, v):
             return _NonCausal.apply(q, k, v, feature_map_name, block, eps)  # (batch, heads, q_len, head_dim)
         return _noncausal(q, k, v, phi=phi, block=block, eps=eps)[0]  # (batch, heads, q_len, head_dim)
     if needs_grad(q, k, v):
-        # one block: the graph keeps every block's tensors anyway, and blocks would cost a slice's backward
-        # (a zero-filled gradient of the whole input) each
-        block = -(-max(q_len, kv_len) // chunk) * chunk
-    before = kv_len - q_len  # keys every query sees (the lower-right alignment), summed first
+        return _Causal.apply(q, k, v, feature_map_name, chunk, block, eps)  # (batch, heads, q_len, head_dim)
+    return _causal_with_earlier_keys(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)[0]
+
+
+def _causal_with_earlier_keys(q, k, v, *, phi: FeatureMap, chunk: int, block: int, eps: float):
+    """Causal linear attention with kv_len >= q_len: the keys before the first query's own position (every query
+    sees them, the lower-right alignment) summed into the starting state first. Returns ``_causal``'s output and
+    states entering each block."""
+    before = k.shape[2] - q.shape[2]
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)
     state = _key_state(k[:, :, :before], v[:, :, :before], phi=phi, block=block, acc=acc) if before else None
     tail_k, tail_v = k[:, :, before:], v[:, :, before:]  # (batch, kv_heads, q_len, head_dim), aligned with q

@@ -197,14 +197,47 @@ def test_elu_feature_map_equals_elu_plus_one_with_its_gradient() -> None:
         assert torch.allclose(phi(x), expected, rtol=1e-15, atol=1e-15)
 
 
+def _grouped_cross_reference(q, k, v, *, causal: bool, feature_map: str, eps: float) -> torch.Tensor:
+    """The quadratic form with grouped heads (head h reads key/value head h // group) and q_len <= kv_len (the
+    last query on the last key)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    phi = {"elu": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, "softmax": lambda x: x.softmax(-1)}
+    weights = phi[feature_map](q) @ phi[feature_map](k).transpose(-2, -1)  # (batch, heads, q_len, kv_len)
+    if causal:
+        keep = torch.arange(kv_len).unsqueeze(0) <= torch.arange(q_len).unsqueeze(1) + (kv_len - q_len)
+        weights = weights * keep
+    return (weights @ v) / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "softmax"])
-def test_written_out_backward_matches_the_quadratic_form(feature_map: str, small_blocks: int) -> None:
-    """The non-causal training step's hand-written backward, over several blocks, for every feature map."""
-    inputs = make_qkv(700)
-    weights = torch.randn(2, HEADS, 700, HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    module = build(700, feature_map=feature_map)
+@pytest.mark.parametrize(("heads", "kv_heads", "q_len", "kv_len"), [(2, 2, 700, 700), (4, 2, 300, 700)])
+def test_written_out_backward_matches_the_quadratic_form(
+    causal: bool, feature_map: str, heads: int, kv_heads: int, q_len: int, kv_len: int, small_blocks: int
+) -> None:
+    """The training step's hand-written backward, over several blocks and chunks, for every feature map, with
+    self-attention and with grouped heads and earlier keys (causal: summed into the starting state)."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = [
+        torch.randn(2, heads, q_len, HEAD_DIM, dtype=torch.float64, generator=gen),
+        *(torch.randn(2, kv_heads, kv_len, HEAD_DIM, dtype=torch.float64, generator=gen) for _ in range(2)),
+    ]
+    weights = torch.randn(2, heads, q_len, HEAD_DIM, dtype=torch.float64, generator=gen)
+    module = LinearAttention(
+        LinearConfig(feature_map=feature_map, chunk_size=48),
+        seq_len=kv_len,
+        heads=heads,
+        head_dim=HEAD_DIM,
+        q_len=q_len,
+        kv_heads=kv_heads,
+    )
     grads = []
-    for fn in (module, lambda q, k, v: quadratic_form(q, k, v, causal=False, feature_map=feature_map, eps=1e-6)):
+    for fn in (
+        lambda q, k, v: module(q, k, v, causal=causal),
+        lambda q, k, v: _grouped_cross_reference(q, k, v, causal=causal, feature_map=feature_map, eps=1e-6),
+    ):
         leaves = [x.clone().requires_grad_(True) for x in inputs]
         grads.append(torch.autograd.grad((fn(*leaves) * weights).sum(), leaves))
     for ours, ref in zip(*grads, strict=True):
