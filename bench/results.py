@@ -6,7 +6,8 @@ the lines they skip (:class:`Problem`) the same way for every command.
 
 Schema history (``schema_version``):
   1 — the fields of ``RECORD_FIELDS`` below. Fields added since are optional (a record without ``process``
-      is process 0 of its case), so every version-1 file stays readable.
+      is process 0 of its case), so every version-1 file stays readable. ``rel_error`` (random inputs) was
+      renamed ``rel_error_random`` when the input families came (bench.families): readers rename it.
 
 Never imports torch: reports are rebuilt from ``results/`` alone.
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.families import ERROR_FIELDS, LEGACY_ERROR_FIELDS
 from bench.outputs import OutputError, check_regular_file, make_parents, reason, remove_created
 
 SCHEMA_VERSION = 1
@@ -93,8 +95,10 @@ RECORD_FIELDS = (
     Field("flops", "number", "floating-point operations of one call"),
     Field("achieved_flops_per_s", "number", "flops / median_s"),
     Field("roofline", "number", "achieved FLOP/s over the matmul peak measured at the start of the run"),
-    Field("rel_error", "number", "||out - exact|| / ||exact|| on random inputs (float64 reference)"),
-    Field("rel_error_peaked", "number", "the same on inputs with peaked attention"),
+    *(
+        Field(field, "number", f"||out - exact|| / ||exact|| on {family} inputs (float64 reference; bench.families)")
+        for family, field in ERROR_FIELDS.items()
+    ),
     Field("estimate_bytes", "number", "the memory the runner expected the case to need"),
     Field("wall_s", "number", "seconds the worker spent on the case, set-up included"),
     Field(
@@ -273,6 +277,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None,
                     f"{path}:{number}: written with results schema version {version}, "
                     f"this attnbench reads version {SCHEMA_VERSION}"
                 )
+            for old, new in LEGACY_ERROR_FIELDS.items():
+                if old in record:
+                    record.setdefault(new, record.pop(old))
             yield number, record, None
 
 

@@ -125,7 +125,7 @@ def make_record(
             roofline=flops / median_s / ENV["peak_flops_per_s"]["cpu/float32"],
         )
         if rel_error is not None:
-            record["rel_error"] = rel_error
+            record["rel_error_random"] = rel_error
             record["rel_error_peaked"] = rel_error_peaked if rel_error_peaked is not None else rel_error * 3
     return record
 

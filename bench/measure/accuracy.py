@@ -1,7 +1,9 @@
-"""Approximation error: an implementation's output against exact attention in float64, on random and peaked inputs.
+"""Approximation error: an implementation's output against exact attention in float64, per input family.
 
-``rel_error = ||out - exact|| / ||exact||``; the reference is computed on the CPU a block of queries at a
-time, so its memory is a chunk times the sequence length.
+``rel_error = ||out - exact|| / ||exact||`` over the query rows compared: every row up to ERROR_ROWS
+queries, else ERROR_ROWS rows evenly spaced (the reference then costs O(ERROR_ROWS n d), not O(n^2 d)).
+The reference is computed on the CPU a block of queries at a time, so its memory is a chunk times the
+sequence length. The input families are in bench.measure.inputs.
 """
 
 from __future__ import annotations
@@ -10,17 +12,33 @@ import math
 
 import torch
 
+from bench.families import ERROR_FIELDS, ERROR_ROWS
+from bench.measure.inputs import family_inputs
+
 ERROR_QUERY_CHUNK = 512  # query rows per step of the float64 reference (memory chunk x n)
-PEAKED_SCORE_STD = 4.0  # peaked inputs: q and k scaled so that the attention scores have this standard deviation
+
+
+def compared_rows(q_len: int) -> torch.Tensor:
+    """The query rows an error compares: all of them up to ERROR_ROWS, else ERROR_ROWS evenly spaced."""
+    if q_len <= ERROR_ROWS:
+        return torch.arange(q_len)
+    return torch.linspace(0, q_len - 1, ERROR_ROWS, dtype=torch.float64).round().long()
 
 
 def exact_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, shared_qk: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    shared_qk: bool,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention in float64 on the CPU, computed a block of queries at a time (memory chunk x n).
 
     q (batch, heads, q_len, d), k and v (batch, kv_heads, kv_len, d): query head h reads key/value head
-    h // (heads // kv_heads); causal, query i sees key j when j <= i + kv_len - q_len.
+    h // (heads // kv_heads); causal, query i sees key j when j <= i + kv_len - q_len. ``rows``: only these
+    query rows (batch, heads, len(rows), d); shared query-key still takes its keys from every query.
     """
     q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
@@ -28,13 +46,15 @@ def exact_reference(
     if shared_qk:
         k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     q_len, kv_len = q.shape[2], k.shape[2]
+    rows = torch.arange(q_len) if rows is None else rows
+    q = q[:, :, rows]
     scale = 1.0 / math.sqrt(q.shape[-1])
     key_pos = torch.arange(kv_len)
-    out = q.new_empty(*q.shape[:3], v.shape[-1])  # (batch, heads, q_len, head_dim)
-    for start in range(0, q_len, ERROR_QUERY_CHUNK):
-        stop = min(q_len, start + ERROR_QUERY_CHUNK)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])  # (batch, heads, len(rows), head_dim)
+    for start in range(0, len(rows), ERROR_QUERY_CHUNK):
+        stop = min(len(rows), start + ERROR_QUERY_CHUNK)
         scores = torch.matmul(q[:, :, start:stop], k.transpose(-2, -1)) * scale  # (batch, heads, chunk, kv_len)
-        query_pos = torch.arange(start, stop).unsqueeze(1) + (kv_len - q_len)  # each query's own key position
+        query_pos = rows[start:stop].unsqueeze(1) + (kv_len - q_len)  # each query's own key position
         allowed = key_pos.unsqueeze(0) <= query_pos if causal else torch.ones(stop - start, kv_len, dtype=torch.bool)
         if shared_qk:
             others = allowed & (key_pos.unsqueeze(0) != query_pos)
@@ -44,26 +64,14 @@ def exact_reference(
     return out
 
 
-def peaked_scale(head_dim: int, *, shared_qk: bool) -> float:
-    """The factor on standard-normal q and k that gives scores q.k/sqrt(d) a spread of PEAKED_SCORE_STD.
-
-    Separate keys: q.k/sqrt(d) with q, k ~ N(0, s^2) has standard deviation s^2. Shared query-key (the keys
-    are the queries normalized to unit length): q_i.q_j/|q_j|/sqrt(d) has standard deviation s/sqrt(d), so
-    random inputs give nearly uniform attention there and need a larger factor to peak.
-    """
-    if shared_qk:
-        return PEAKED_SCORE_STD * math.sqrt(head_dim)
-    return math.sqrt(PEAKED_SCORE_STD)
-
-
-def approximation_errors(module, spec, q, k, v, *, causal: bool) -> dict[str, float]:
-    """rel_error = ||out - exact|| / ||exact|| on the timed (random) inputs and on peaked ones."""
+def approximation_errors(module, spec, q, k, v, *, causal: bool, seed: int) -> dict[str, float]:
+    """rel_error_<family> = ||out - exact|| / ||exact|| over the compared rows, for every input family."""
     errors = {}
-    peaked = peaked_scale(q.shape[-1], shared_qk=spec.shared_qk)
+    rows = compared_rows(q.shape[2])
     with torch.no_grad():
-        for label, scale in (("rel_error", 1.0), ("rel_error_peaked", peaked)):
-            qs, ks = q * scale, k * scale
-            out = module(qs, ks, v, causal=causal).to("cpu", torch.float64)
-            exact = exact_reference(qs, ks, v, causal=causal, shared_qk=spec.shared_qk)
-            errors[label] = float((out - exact).norm() / exact.norm())
+        for family, field in ERROR_FIELDS.items():
+            fq, fk, fv = family_inputs(family, q, k, v, shared_qk=spec.shared_qk, seed=seed)
+            out = module(fq, fk, fv, causal=causal)[:, :, rows.to(q.device)].to("cpu", torch.float64)
+            exact = exact_reference(fq, fk, fv, causal=causal, shared_qk=spec.shared_qk, rows=rows)
+            errors[field] = float((out - exact).norm() / exact.norm())
     return errors

@@ -199,7 +199,7 @@ def prepare(case: Case, *, seed: int) -> Prepared:
     if case.scope == "attention" and not spec.exact and case.mode == "fwd":
 
         def errors():
-            return approximation_errors(module, spec, *inputs, causal=case.causal)
+            return approximation_errors(module, spec, *inputs, causal=case.causal, seed=seed)
 
     if not grad:
         module.requires_grad_(False)

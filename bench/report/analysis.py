@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.families import ERROR_FIELDS
 from bench.report.complexity import complexity_exponent
 from bench.report.defaults import (
     DEFAULT_BASELINES,
@@ -283,10 +284,11 @@ def backward_ratio_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def error_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per ok case that measured it: the approximation error on random and on peaked inputs."""
+    """Per ok case that measured it: the approximation error on each input family (bench.families)."""
     ok = ok_rows(frame)
-    ok = ok[ok["rel_error"].notna() | ok["rel_error_peaked"].notna()]
-    columns = [*CURVE_COLUMNS, "label", "seq_len", "median_s", "rel_error", "rel_error_peaked"]
+    fields = list(ERROR_FIELDS.values())
+    ok = ok[ok[fields].notna().any(axis=1)]
+    columns = [*CURVE_COLUMNS, "label", "seq_len", "median_s", *fields]
     return ok[columns].reset_index(drop=True)
 
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pandas as pd
 
+from bench.families import ERROR_FIELDS, ERROR_ROWS, FAMILIES
 from bench.report.analysis import Analysis
 from bench.report.formatting import (
     COLUMN_HEADERS,
     MIB,
     cell_text,
     curve_name_columns,
-    fmt_sci,
     fmt_sig,
     markdown_table,
 )
@@ -177,23 +177,24 @@ def errors_section(an: Analysis) -> list[str]:
     if errors.empty:
         return []
     name_columns = curve_name_columns(errors)
-    headers = [*(COLUMN_HEADERS[c] for c in name_columns), "n", "rel. error (random)", "rel. error (peaked)"]
+    families = [family for family, field in ERROR_FIELDS.items() if errors[field].notna().any()]
+    headers = [*(COLUMN_HEADERS[c] for c in name_columns), "n", *families]
     rows = [
         [
             *(cell_text(row, c) for c in name_columns),
             str(row["seq_len"]),
-            fmt_sci(row["rel_error"]),
-            fmt_sci(row["rel_error_peaked"]),
+            *(fmt_sig(row[ERROR_FIELDS[family]], digits=2) for family in families),
         ]
         for row in errors.to_dict("records")
     ]
+    described = "; ".join(f"**{family}**: {FAMILIES[family]}" for family in families)
     return _section(
-        "Approximation error",
-        "`‖out − exact‖ / ‖exact‖` against exact attention in float64 on the same inputs. Random inputs (standard "
-        "normal q, k, v) give nearly uniform exact attention, whose output shrinks like 1/√n: a mechanism that "
-        "keeps a fixed number of keys per query then shows an error that grows with n and can pass 1. Peaked "
-        "inputs scale q and k so that the scores have a standard deviation of 4: each query puts most of its "
-        "weight on a few keys, anywhere in the sequence.",
+        "Approximation error by input family",
+        "`‖out − exact‖ / ‖exact‖` against exact attention in float64 on the same inputs, over every query row up "
+        f"to {ERROR_ROWS} of them and {ERROR_ROWS} evenly spaced rows beyond. Each input family has the structure one kind of "
+        f"approximation bets on (bench.families): {described}. On random inputs exact attention is nearly "
+        "uniform and its output shrinks like 1/√n: a mechanism that keeps a fixed number of keys per query then "
+        "shows an error that grows with n and can pass 1.",
         markdown_table(headers, rows),
     )
 

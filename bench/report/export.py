@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.families import ERROR_FIELDS
 from bench.report.defaults import EXPORT_FORMATS
 from bench.report.load import Results, curve_label, ok_rows
 
@@ -32,8 +33,7 @@ _EXTRA_FIELDS = (
     "flops",
     "achieved_flops_per_s",
     "roofline",
-    "rel_error",
-    "rel_error_peaked",
+    *ERROR_FIELDS.values(),
     "noisy",
     "memory_method",
     "run_id",

@@ -9,11 +9,13 @@ returns None when there is nothing to show. Which figures a report has is :mod:`
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.families import ERROR_FIELDS
 from bench.report.formatting import MIB
 from bench.report.load import MEMORY_COLUMNS, ok_rows
 from bench.report.plot_style import (
@@ -326,21 +328,26 @@ def pareto_figure(
     stem: str,
 ) -> FigureInfo | None:
     forward = ok_rows(rows[rows["mode"] == "fwd"])
-    measured = forward[forward["rel_error"].notna()]
+    fields = list(ERROR_FIELDS.values())
+    measured = forward[forward[fields].notna().any(axis=1)]
     if measured.empty:
         return None
     seq_len = int(measured["seq_len"].max())
     at_length = forward[forward["seq_len"] == seq_len]
-    title = f"Speed vs approximation error at n={seq_len}"
+    title = f"Speed vs approximation error at n={seq_len}, by input family"
     caption = (
-        f"Forward time against relative error at n={seq_len} (the longest length with an error measurement), on "
-        "random and on peaked inputs; dashed horizontal lines are exact implementations, the grey steps the "
-        "Pareto front (nothing is both faster and more accurate)."
+        f"Forward time against relative error at n={seq_len} (the longest length with an error measurement), one "
+        "panel per input family (bench.families); dashed horizontal lines are exact implementations, the grey "
+        "steps the Pareto front (nothing is both faster and more accurate)."
     )
-    panels = [("rel_error", "random inputs"), ("rel_error_peaked", "peaked attention")]
+    panels = [(field, f"{family} inputs") for family, field in ERROR_FIELDS.items() if at_length[field].notna().any()]
+    ncols = min(3, len(panels))
     with figure_style():
-        figure, axes = new_figure(ncols=len(panels))
-        for ax, (column, what) in zip(axes[0], panels, strict=True):
+        figure, axes = new_figure(ncols=ncols, nrows=math.ceil(len(panels) / ncols))
+        grid = [ax for row in axes for ax in row]
+        for ax in grid[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (column, what) in zip(grid, panels, strict=False):
             approx = at_length[at_length[column] > 0]
             for record in approx.sort_values(["impl", "params"]).to_dict("records"):
                 ax.plot(
@@ -369,7 +376,7 @@ def pareto_figure(
                     zorder=0,
                     label="Pareto front",
                 )
-            exact = at_length[at_length["rel_error"].isna() & at_length["exact"].map(lambda value: value is True)]
+            exact = at_length[at_length["exact"].map(lambda value: value is True)]
             for record in exact.sort_values(["impl", "params"]).to_dict("records"):
                 ax.axhline(
                     record["median_s"],
@@ -394,5 +401,5 @@ def pareto_figure(
             ax.set_ylabel("median time per call (s)")
             ax.set_title(what)
         return finish_figure(
-            figure, axes[0], title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem
+            figure, grid[: len(panels)], title=title, subtitle=subtitle, caption=caption, out_dir=out_dir, stem=stem
         )

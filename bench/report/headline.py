@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.families import ERROR_FIELDS
 from bench.report.analysis import MAX_EXTRAPOLATION, Analysis
 from bench.report.formatting import (
     COLUMN_HEADERS,
@@ -18,6 +19,7 @@ from bench.report.formatting import (
     curve_name_columns,
     fmt_fixed,
     fmt_int,
+    fmt_sig,
     markdown_table,
 )
 from bench.report.load import CURVE_COLUMNS
@@ -82,7 +84,7 @@ def headline_section(an: Analysis) -> list[str]:
         *(f"faster than {b} from n" for b in an.baselines),
         "best roofline",
         f"longest n in {budget}",
-        "rel. error random / peaked (n)",
+        "rel. error: best / worst input family (n)",
     ]
     rows = []
     for row in exponents.to_dict("records"):
@@ -130,10 +132,17 @@ def _budget_text(row: Mapping[str, Any] | None) -> str:
 
 
 def _largest_length_errors(errors: pd.DataFrame) -> dict[tuple, str]:
+    """Per curve, at its longest length with errors: the input family it approximates best, and the worst."""
     found = {}
     for key, rows in errors.groupby(list(CURVE_COLUMNS), sort=True):
         last = rows.sort_values("seq_len").iloc[-1]
-        peaked = last.get("rel_error_peaked")
-        peaked_text = f"{peaked:.2f}" if isinstance(peaked, float) and math.isfinite(peaked) else "–"
-        found[key] = f"{last['rel_error']:.2f} / {peaked_text} ({int(last['seq_len'])})"
+        measured = {
+            family: last[field]
+            for family, field in ERROR_FIELDS.items()
+            if isinstance(last.get(field), float) and math.isfinite(last[field])
+        }
+        best, worst = min(measured, key=measured.get), max(measured, key=measured.get)
+        found[key] = (
+            f"{fmt_sig(measured[best], digits=2)} {best} / {fmt_sig(measured[worst], digits=2)} {worst} ({int(last['seq_len'])})"
+        )
     return found

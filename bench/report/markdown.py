@@ -44,7 +44,7 @@ _TABLE_FILES = (
     ("speedups", "per ok case: median and the ratio of each baseline's median to it (above 1: faster)"),
     ("roofline", "per ok case: FLOPs, achieved FLOP/s, the measured matmul peak, and their ratio"),
     ("memory_budget", "per curve: the longest length whose peak memory fits the budget, and how it was found"),
-    ("errors", "per case that measured it: relative error against exact attention, random and peaked inputs"),
+    ("errors", "per case that measured it: relative error against exact attention on each input family"),
     ("backward_ratio", "per curve and length: median fwd+bwd time over median fwd time"),
     ("layers", "layer-stack cases: median time and peak memory by depth and residual kind"),
     ("grouped_heads", "setups measured with several numbers of key/value heads: time and memory by kv_heads"),
