@@ -36,7 +36,7 @@ FLOP_CONVENTION = (
     "forward: the work each implementation performs (masked work it computes counts, work it skips does not; "
     f"sdpa's fused kernels skip the causal half); fwd+bwd: {1 + BACKWARD_FLOP_FACTOR:g} x forward"
 )
-# the matmul peak's own timing: short, and enough samples for a stable median
+# the matmul peak's own timing: short, and enough samples for a stable best
 PEAK_MIN_TIME_S = 0.3
 PEAK_MIN_SAMPLES = 5
 
@@ -123,7 +123,9 @@ def matmul_peak_flops(device: str, dtype: str, *, num_threads: int) -> float:
         min_samples=PEAK_MIN_SAMPLES,
         num_threads=num_threads,
     )
-    return 2.0 * size**3 / stats.median_s
+    # the fastest sample: a ceiling, and the reading least moved by a slow start (thread pool, page faults,
+    # clock) that made the median of one run half of another's minutes later on the same VM
+    return 2.0 * size**3 / stats.min_s
 
 
 def collect_env(devices: list[str], dtypes: list[str], *, num_threads: int, tf32: bool = False) -> dict[str, Any]:
