@@ -54,8 +54,8 @@ def test_linear_block_sizes_per_device_type():
         for device in ("cpu", "cuda:0", "mps")
         for causal in (False, True)
     }
-    # the CPU: 1024 positions (1024 causal) at b=1, h=8, d=64
-    assert positions["cpu", False] == 1024 and positions["cpu", True] == 1024
+    # the CPU: 1024 positions (512 causal) at b=1, h=8, d=64
+    assert positions["cpu", False] == 1024 and positions["cpu", True] == 512
     assert positions["cuda:0", False] == 1 << 17 and positions["cuda:0", True] == 1 << 16
     assert positions["mps", False] == 1 << 15 and positions["mps", True] == 1 << 14
 
