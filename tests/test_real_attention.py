@@ -86,7 +86,8 @@ def test_the_report_has_the_table_and_the_figure(tmp_path: Path) -> None:
         for layer in range(2)
     ]  # fmt: skip
     document = {
-        "model": "m", "model_sha256": "ab" * 32, "text": "t", "windows": 2, "seq_len": 512, "heads": 3,
+        "model": "m", "model_sha256": "ab" * 32, "text": "t", "windows": 2, "seq_len": 512, "reference_len": 4096,
+        "layers": 2, "heads": 3,
         "head_dim": 32, "threads": 2, "torch": "2", "rows": rows,
         "sanity": {"sentences": ["a", "b", "c"], "cos_similar": 0.75, "cos_unrelated": 0.01},
     }  # fmt: skip

@@ -13,7 +13,7 @@ import math
 import torch
 
 from bench.families import ERROR_FIELDS, ERROR_ROWS
-from bench.measure.inputs import family_inputs
+from bench.measure.inputs import family_inputs, unit_rows
 
 ERROR_QUERY_CHUNK = 512  # query rows per step of the float64 reference (memory chunk x n)
 
@@ -44,7 +44,7 @@ def exact_reference(
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (batch, heads, kv_len, d)
     if shared_qk:
-        k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        k = unit_rows(q)
     q_len, kv_len = q.shape[2], k.shape[2]
     rows = torch.arange(q_len) if rows is None else rows
     q = q[:, :, rows]

@@ -49,7 +49,7 @@ class Shapes:
     @property
     def tokens(self) -> int:
         """Positions min(0, kv_len - q_len) .. kv_len - 1: every key's and every query's."""
-        return self.kv_len + max(0, self.q_len - self.kv_len)
+        return max(self.q_len, self.kv_len)
 
     def split(self, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, kv_heads, tokens, ...) -> the queries' rows repeated over each group's heads, and the keys' rows."""
@@ -59,14 +59,15 @@ class Shapes:
         return queries, keys
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with each row (last dimension) scaled to length 1."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
 def _noisy(direction: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A unit direction plus noise of norm ~NOISE, normalized again."""
     noise = torch.randn(direction.shape, generator=gen, dtype=direction.dtype) / math.sqrt(direction.shape[-1])
-    return _unit(direction + NOISE * noise)
+    return unit_rows(direction + NOISE * noise)
 
 
 def _scaled(q_dir, k_dir, beta: float, *, shared_qk: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,18 @@ def _fourier(shapes: Shapes, dim: int, gen: torch.Generator) -> torch.Tensor:
     pos = torch.arange(shapes.tokens, dtype=torch.float64).view(1, 1, -1, 1)
     angle = pos * freqs + phase  # (batch, kv_heads, tokens, pairs)
     return torch.cat([angle.cos(), angle.sin()], dim=-1)[..., :dim] / math.sqrt(pairs)
+
+
+def peaked_scale(head_dim: int, *, shared_qk: bool) -> float:
+    """The factor on standard-normal q and k that gives scores q.k/sqrt(d) a spread of PEAKED_SCORE_STD.
+
+    Separate keys: q.k/sqrt(d) with q, k ~ N(0, s^2) has standard deviation s^2. Shared query-key (the keys
+    are the queries normalized to unit length): q_i.q_j/|q_j|/sqrt(d) has standard deviation s/sqrt(d), so
+    random inputs give nearly uniform attention there and need a larger factor to peak.
+    """
+    if shared_qk:
+        return PEAKED_SCORE_STD * math.sqrt(head_dim)
+    return math.sqrt(PEAKED_SCORE_STD)
 
 
 def _random(q, k, v, gen: torch.Generator, *, shared_qk: bool):
@@ -130,7 +143,7 @@ def _low_rank(q, k, v, gen: torch.Generator, *, shared_qk: bool):
     basis = _orthonormal(shapes, shapes.head_dim, LOW_RANK, gen)
     q_lat, k_lat = shapes.split(latent @ basis.transpose(-2, -1))
     value_basis = _orthonormal(shapes, shapes.value_dim, LOW_RANK, gen) * math.sqrt(shapes.value_dim / LOW_RANK)
-    q, k = _scaled(_unit(q_lat), _unit(k_lat), LOW_RANK_BETA, shared_qk=shared_qk)
+    q, k = _scaled(unit_rows(q_lat), unit_rows(k_lat), LOW_RANK_BETA, shared_qk=shared_qk)
     return q, k, _values(shapes.split(latent @ value_basis.transpose(-2, -1))[1], gen)
 
 
@@ -138,7 +151,7 @@ def _clustered(q, k, v, gen: torch.Generator, *, shared_qk: bool):
     """Each token belongs to one of CLUSTERS centres (anywhere in the sequence); its value is its cluster's."""
     shapes = Shapes.of(q, k, v)
     size = (shapes.batch, shapes.kv_heads, CLUSTERS)
-    centres = _unit(torch.randn(*size, shapes.head_dim, generator=gen, dtype=torch.float64))
+    centres = unit_rows(torch.randn(*size, shapes.head_dim, generator=gen, dtype=torch.float64))
     value_centres = torch.randn(*size, shapes.value_dim, generator=gen, dtype=torch.float64)
     member = torch.randint(0, CLUSTERS, (shapes.batch, shapes.kv_heads, shapes.tokens), generator=gen)
 
@@ -160,18 +173,6 @@ DRAWS: dict[str, Draw] = {
     "clustered": _clustered,
 }
 assert tuple(DRAWS) == tuple(FAMILIES), "every family of bench.families is drawn here, in its order"
-
-
-def peaked_scale(head_dim: int, *, shared_qk: bool) -> float:
-    """The factor on standard-normal q and k that gives scores q.k/sqrt(d) a spread of PEAKED_SCORE_STD.
-
-    Separate keys: q.k/sqrt(d) with q, k ~ N(0, s^2) has standard deviation s^2. Shared query-key (the keys
-    are the queries normalized to unit length): q_i.q_j/|q_j|/sqrt(d) has standard deviation s/sqrt(d), so
-    random inputs give nearly uniform attention there and need a larger factor to peak.
-    """
-    if shared_qk:
-        return PEAKED_SCORE_STD * math.sqrt(head_dim)
-    return math.sqrt(PEAKED_SCORE_STD)
 
 
 def family_inputs(family: str, q, k, v, *, shared_qk: bool, seed: int):

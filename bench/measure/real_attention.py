@@ -60,21 +60,20 @@ class Mechanism:
     label: str
 
 
+# the config field that sets how many keys a query sees, per approximation (linear's are all of them)
+BUDGET_FIELDS = {"local": "window", "sparse": "block_size", "linear": None, "linformer": "k", "reformer": "bucket_size"}
+
+
 def mechanisms(seq_len: int) -> list[Mechanism]:
-    """Exact full attention, every approximation with its defaults, and with them scaled from REFERENCE_LEN."""
+    """Exact attention, every approximation with its defaults, and with its budget field's default divided by
+    REFERENCE_LEN / seq_len (the fraction of keys it keeps at REFERENCE_LEN)."""
     ratio = REFERENCE_LEN // seq_len
-    scaled = {
-        "local": {"window": 128 // ratio},  # defaults: window 128, block 64, k 256, bucket 64
-        "sparse": {"block_size": 64 // ratio},
-        "linformer": {"k": 256 // ratio},
-        "reformer": {"bucket_size": 64 // ratio},
-    }
     found = [Mechanism("full", {}, "full"), Mechanism("sdpa", {}, "sdpa")]
-    for impl in ("local", "sparse", "linear", "linformer", "reformer"):
+    for impl, field in BUDGET_FIELDS.items():
         found.append(Mechanism(impl, {}, impl))
-        if impl in scaled:
-            params = scaled[impl]
-            found.append(Mechanism(impl, params, f"{impl} ({', '.join(f'{k}={v}' for k, v in params.items())})"))
+        if field is not None:
+            value = getattr(get(impl).config, field) // ratio
+            found.append(Mechanism(impl, {field: value}, f"{impl} ({field}={value})"))
     return found
 
 
@@ -241,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "text": f"pydoc_data.topics of Python {sys.version.split()[0]} ({text_tokens} tokens)",
         "windows": args.windows,
         "seq_len": model.max_len,
+        "reference_len": REFERENCE_LEN,
+        "layers": model.config["num_hidden_layers"],
         "heads": model.heads,
         "head_dim": model.head_dim,
         "threads": torch.get_num_threads(),

@@ -319,6 +319,38 @@ def grouped_heads_figure(
 # ---------------------------------------------------------------- speed vs approximation error
 
 
+@dataclasses.dataclass(frozen=True)
+class ErrorPoint:
+    """A mechanism on a speed-against-error panel (an exact one: error 0, drawn as a line at its time)."""
+
+    impl: str  # picks the colour
+    label: str
+    error: float
+    time_s: float
+    marker: str = "o"
+
+
+def speed_vs_error_panel(ax, approx: list[ErrorPoint], exact: list[ErrorPoint], *, palette: dict[str, Any]) -> None:
+    """Time against approximation error on log axes: a labelled marker per approximation, the grey steps of
+    their Pareto front (nothing is both faster and more accurate), a dashed labelled line per exact one."""
+    for point in approx:
+        ax.plot([point.error], [point.time_s], marker=point.marker, markersize=7, color=palette[point.impl],
+                linestyle="none", label=point.label)  # fmt: skip
+        ax.annotate(point.label, (point.error, point.time_s), xytext=(5, 3), textcoords="offset points", fontsize=7)
+    front = pareto_front([(point.error, point.time_s) for point in approx])
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), color="0.6", linewidth=1, drawstyle="steps-post", zorder=0,
+                label="Pareto front")  # fmt: skip
+    for point in exact:
+        color = palette[point.impl]
+        ax.axhline(point.time_s, color=color, linestyle=(0, (5, 3)), linewidth=1.1, label=f"{point.label} (exact)")
+        ax.annotate(f"{point.label} (exact)", (0.02, point.time_s), xycoords=("axes fraction", "data"),
+                    xytext=(0, 3), textcoords="offset points", fontsize=7, color=color)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain_log_ticks(ax.xaxis)
+
+
 def pareto_figure(
     rows: pd.DataFrame,
     *,
@@ -347,56 +379,12 @@ def pareto_figure(
         grid = [ax for row in axes for ax in row]
         for ax in grid[len(panels) :]:
             ax.set_visible(False)
+        exact_rows = at_length[at_length["exact"].map(lambda value: value is True)].sort_values(["impl", "params"])
+        exact = [ErrorPoint(r["impl"], r["label"], 0.0, r["median_s"]) for r in exact_rows.to_dict("records")]
         for ax, (column, what) in zip(grid, panels, strict=False):
-            approx = at_length[at_length[column] > 0]
-            for record in approx.sort_values(["impl", "params"]).to_dict("records"):
-                ax.plot(
-                    [record[column]],
-                    [record["median_s"]],
-                    marker="o",
-                    markersize=7,
-                    color=palette[record["impl"]],
-                    linestyle="none",
-                    label=record["label"],
-                )
-                ax.annotate(
-                    record["label"],
-                    (record[column], record["median_s"]),
-                    xytext=(5, 3),
-                    textcoords="offset points",
-                    fontsize=7,
-                )
-            front = pareto_front(list(zip(approx[column], approx["median_s"], strict=True)))
-            if len(front) > 1:
-                ax.plot(
-                    *zip(*front, strict=True),
-                    color="0.6",
-                    linewidth=1,
-                    drawstyle="steps-post",
-                    zorder=0,
-                    label="Pareto front",
-                )
-            exact = at_length[at_length["exact"].map(lambda value: value is True)]
-            for record in exact.sort_values(["impl", "params"]).to_dict("records"):
-                ax.axhline(
-                    record["median_s"],
-                    color=palette[record["impl"]],
-                    linestyle=(0, (5, 3)),
-                    linewidth=1.1,
-                    label=f"{record['label']} (exact)",
-                )
-                ax.annotate(
-                    f"{record['label']} (exact)",
-                    (0.02, record["median_s"]),
-                    xycoords=("axes fraction", "data"),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color=palette[record["impl"]],
-                )
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            plain_log_ticks(ax.xaxis)
+            approx = at_length[at_length[column] > 0].sort_values(["impl", "params"])
+            points = [ErrorPoint(r["impl"], r["label"], r[column], r["median_s"]) for r in approx.to_dict("records")]
+            speed_vs_error_panel(ax, points, exact, palette=palette)
             ax.set_xlabel("relative error ‖out − exact‖ / ‖exact‖")
             ax.set_ylabel("median time per call (s)")
             ax.set_title(what)

@@ -6,9 +6,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.report.figures import ErrorPoint, speed_vs_error_panel
 from bench.report.formatting import fmt_sig, markdown_table
 from bench.report.plot_style import figure_style, finish_figure, impl_palette, new_figure
-from bench.report.stats import pareto_front
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -31,35 +31,27 @@ def summary(rows: list[dict]) -> list[dict]:
 def figure(entries: list[dict], document: dict, out_dir: Path):
     """Forward time against the median error over layers, the Pareto front, exact attention as a dashed line."""
     palette = impl_palette(e["impl"] for e in entries)
-    approx = [e for e in entries if not e["exact"]]
     title = "Speed vs approximation error on all-MiniLM-L6-v2's attention"
     subtitle = (
         f"{document['windows']} windows of {document['seq_len']} tokens, {document['heads']} heads × "
         f"{document['head_dim']}, CPU float32, {document['threads']} threads"
     )
     caption = (
-        "Forward time on one layer's q, k, v against the median over the 6 layers of the relative error against "
-        "the model's own attention; circles are the defaults, squares the defaults scaled to the fraction of keys "
-        "they keep at 4096 tokens; the dashed line is exact attention (full), the grey steps the Pareto front."
+        f"Forward time on one layer's q, k, v against the median over the {document['layers']} layers of the "
+        "relative error against the model's own attention; circles are the defaults, squares the defaults scaled "
+        f"to the fraction of keys they keep at {document['reference_len']} tokens; the dashed lines are exact "
+        "attention, the grey steps the Pareto front."
     )
     with figure_style():
         fig, axes = new_figure(ncols=1, width_in=7.5, height_in=4.8)
         ax = axes[0][0]
-        for entry in approx:
-            marker = "o" if entry["label"] == entry["impl"] else "s"
-            x, y = entry["median_layer"], entry["median_s"]
-            ax.plot([x], [y], marker=marker, markersize=7, color=palette[entry["impl"]], linestyle="none")
-            ax.annotate(entry["label"], (x, y), xytext=(5, 3), textcoords="offset points", fontsize=7)
-        front = pareto_front([(e["median_layer"], e["median_s"]) for e in approx])
-        if len(front) > 1:
-            ax.plot(*zip(*front, strict=True), color="0.6", linewidth=1, drawstyle="steps-post", zorder=0,
-                    label="Pareto front")  # fmt: skip
-        for entry in entries:
-            if entry["exact"]:
-                ax.axhline(entry["median_s"], color=palette[entry["impl"]], linestyle=(0, (5, 3)), linewidth=1.1,
-                           label=f"{entry['label']} (exact)")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        points = [
+            ErrorPoint(e["impl"], e["label"], e["median_layer"], e["median_s"], "o" if e["label"] == e["impl"] else "s")
+            for e in entries
+            if not e["exact"]
+        ]
+        exact = [ErrorPoint(e["impl"], e["label"], 0.0, e["median_s"]) for e in entries if e["exact"]]
+        speed_vs_error_panel(ax, points, exact, palette=palette)
         ax.set_xlabel("relative error ‖out − attention‖ / ‖attention‖ (median over layers)")
         ax.set_ylabel("median forward time (s)")
         return finish_figure(
@@ -69,8 +61,12 @@ def figure(entries: list[dict], document: dict, out_dir: Path):
 
 
 def markdown(entries: list[dict], document: dict, figure_info) -> str:
-    layers = len(entries[0]["layers"])
-    headers = ["mechanism", *(f"layer {i}" for i in range(layers)), "heads: best / median / worst", "forward (ms)"]
+    headers = [
+        "mechanism",
+        *(f"layer {i}" for i in range(document["layers"])),
+        "heads: best / median / worst",
+        "forward (ms)",
+    ]
     rows = []
     for e in entries:
         heads = sorted(e["heads"])
@@ -88,9 +84,10 @@ def markdown(entries: list[dict], document: dict, figure_info) -> str:
         f"{document['windows']} windows of the model's full {document['seq_len']} tokens spread over "
         f"{document['text']}. Each mechanism runs on them in float32 and is compared with the model's own "
         "attention `softmax(q kᵀ / √d) v` in float64: `‖out − attention‖ / ‖attention‖` over every window and head "
-        "of a layer, and per head over the windows (the heads column: all 6 × 12 of them). Mechanisms with their "
-        "defaults (which at 512 tokens keep most keys), and with the defaults scaled to keep the fraction of keys "
-        f"they keep at 4096 tokens. CPU, {document['threads']} threads, torch {document['torch']}. "
+        "of a layer, and per head over the windows (the heads column: all "
+        f"{document['layers']} × {document['heads']} of them). Mechanisms with their defaults (which at "
+        f"{document['seq_len']} tokens keep most keys), and with the defaults scaled to keep the fraction of keys "
+        f"they keep at {document['reference_len']} tokens. CPU, {document['threads']} threads, torch {document['torch']}. "
         "Built by `nox -s real_attention` (bench.measure.real_attention).",
         "",
         markdown_table(headers, rows),
