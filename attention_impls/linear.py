@@ -26,7 +26,8 @@ arithmetic).
 
 Under autograd both forms are one autograd function each, whose backward is written out and walks the same
 blocks, recomputing the feature maps (``_NonCausal``, ``_Causal``): it keeps the inputs, the output and the
-states entering the blocks, not every block's intermediates.
+state S, z (causal: the sums before every chunk, n / chunk x d x d numbers per key/value head, and each
+query's normalizer), not every block's intermediates.
 
 For float16 and bfloat16 inputs the sums over positions (S and z, the chunk
 states and their prefix sums, and each query's product with them) are kept in
@@ -35,9 +36,11 @@ bfloat16 one stops growing once each term is below its 8-bit precision. The
 feature map and the quadratic form within a chunk stay in the input dtype, and
 the result is written back in it.
 
-The normalizer z is carried as an extra column of the values (v | 1), so one
-matrix product gives numerator and denominator together. The denominator is
-floored at ``eps`` (clamp, not add: outputs are exact where it is not tiny), so
+S and z are kept apart (``_State``): the denominators phi(q_i)^T z are a dot
+product per row, as the numerators are products with d x d matrices (an extra
+column for z, d + 1 wide, made every product with the state 20% slower on the
+CPU, and a product with one column is three to four times slower than the dot
+products). The denominator is floored at ``eps`` (clamp, not add: outputs are exact where it is not tiny), so
 a query whose features all vanish (relu, or elu + 1 of very negative inputs)
 yields zeros, not NaN.
 """
@@ -47,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -158,47 +162,51 @@ _FEATURE_GRADS: dict[str, Callable[..., torch.Tensor]] = {  # (y, g, out=None): 
 }
 
 
-def _blockwise(length: int, block: int, compute) -> tuple[torch.Tensor, ...]:
-    """``compute(start, stop)``'s tensors (batch, heads, stop - start, e) for each block of positions, put together
-    along the positions: written into one tensor each, or, for a single block, the block's own."""
-    if block >= length:
-        return compute(0, length)
-    totals = None
-    for start in range(0, length, block):
-        parts = compute(start, min(length, start + block))
-        if totals is None:
-            totals = [part.new_empty(*part.shape[:2], length, part.shape[3]) for part in parts]
-        for total, part in zip(totals, parts, strict=True):
-            total[:, :, start : start + part.shape[2]] = part
-    return tuple(totals)
+class _State(NamedTuple):
+    """The sums over the positions so far: kv = sum_j phi(k_j) v_j^T (batch, kv_heads, head_dim, head_dim) and
+    z = sum_j phi(k_j) (batch, kv_heads, head_dim), in the sums' dtype."""
+
+    kv: torch.Tensor
+    z: torch.Tensor
+
+
+def _normalizer(phi_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """phi(q_i)^T z for rows phi_q (..., rows, d) and z (..., d): (..., rows), the denominator before its floor.
+
+    A dot product per row: a matrix product with one column takes four times as long on the CPU."""
+    return torch.linalg.vecdot(phi_q, z.unsqueeze(-2))
+
+
+def _row_sums(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i phi_i for phi (..., rows, d) and weights (..., rows): (..., d)."""
+    return torch.linalg.vecdot(phi, weights.unsqueeze(-1), dim=-2)
+
+
+def _output_grads(
+    d_out: torch.Tensor, out: torch.Tensor, raw: torch.Tensor, *, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of the numerator and of the raw normalizer from that of out = numerator / max(raw, eps):
+    dN = dOut / den and d_raw = -(dN . out), zero where eps holds den. d_out, out (..., rows, d) and raw
+    (..., rows) -> (..., rows, d) and (..., rows), in raw's dtype."""
+    d_num = d_out.to(raw.dtype) / raw.clamp_min(eps).unsqueeze(-1)  # (..., rows, head_dim)
+    d_raw = torch.linalg.vecdot(d_num, out.to(raw.dtype)).neg_()  # (..., rows)
+    return d_num, d_raw.masked_fill_(raw < eps, 0.0)
 
 
 def _key_state_grads(
-    k: torch.Tensor, v: torch.Tensor, d_state: torch.Tensor, *, name: str, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of k and v (batch, kv_heads, n, d) from the gradient of (S | z) = sum_j phi(k_j) (v_j | 1)^T:
-    dphi(K) = V dS^T + dz, dV = phi(K) dS, a block of positions at a time."""
-    phi, grad, dim_v = FEATURE_MAPS[name], _FEATURE_GRADS[name], v.shape[-1]
-    d_s, d_z = d_state[..., :dim_v], d_state[..., dim_v:].transpose(-2, -1)  # (b, kvh, d, d), (b, kvh, 1, d)
-
-    def key_grads(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        phi_k = phi(k[:, :, start:stop]).to(d_state.dtype)  # (batch, kv_heads, length, head_dim)
-        d_phi_k = (v[:, :, start:stop].to(d_state.dtype) @ d_s.transpose(-2, -1)).add_(d_z)
-        return grad(phi_k, d_phi_k).to(k.dtype), (phi_k @ d_s).to(v.dtype)
-
-    return _blockwise(k.shape[2], block, key_grads)
-
-
-def _numerator_grads(d_out: torch.Tensor, out: torch.Tensor, raw: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """dN = (dOut / den | -(dOut . out) / den), den = max(raw, eps), the second column zero where eps holds den:
-    the gradient of num = (numerator | normalizer) from that of out = numerator / den. d_out, out (..., rows, d)
-    and raw (..., rows, 1) -> (..., rows, d + 1), in raw's dtype."""
-    dim_v = out.shape[-1]
-    d_num = raw.new_empty(*raw.shape[:-1], dim_v + 1)  # (..., rows, head_dim + 1)
-    d_value = torch.div(d_out, raw.clamp_min(eps), out=d_num[..., :dim_v])
-    d_den = torch.linalg.vecdot(d_value, out.to(raw.dtype)).unsqueeze(-1).neg_()
-    d_num[..., dim_v:] = d_den.masked_fill_(raw < eps, 0.0)
-    return d_num
+    k: torch.Tensor, v: torch.Tensor, d_state: _State, *, name: str, block: int, d_k: torch.Tensor, d_v: torch.Tensor
+) -> None:
+    """The gradients of k and v (batch, kv_heads, n, d), written into d_k and d_v, from those of
+    S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j): dphi(K) = V dS^T + dz, dV = phi(K) dS, a block of positions
+    at a time."""
+    phi, grad = FEATURE_MAPS[name], _FEATURE_GRADS[name]
+    d_kv, d_z = d_state.kv, d_state.z.unsqueeze(-2)  # (batch, kv_heads, d, d), (batch, kv_heads, 1, d)
+    for start in range(0, k.shape[2], block):
+        stop = min(start + block, k.shape[2])
+        phi_k = phi(k[:, :, start:stop]).to(d_kv.dtype)  # (batch, kv_heads, length, head_dim)
+        d_phi_k = (v[:, :, start:stop].to(d_kv.dtype) @ d_kv.transpose(-2, -1)).add_(d_z)
+        grad(phi_k, d_phi_k, out=d_k[:, :, start:stop])  # written in place: no copy of the block
+        d_v[:, :, start:stop] = phi_k @ d_kv
 
 
 class _NonCausal(torch.autograd.Function):
@@ -206,10 +214,12 @@ class _NonCausal(torch.autograd.Function):
     feature maps computed in cache), and the backward, written out, walks the same blocks, recomputing the
     feature maps instead of keeping them (it keeps only the inputs, the output and the state):
 
-        num = phi(Q) (S | z),  (S | z) = phi(K)^T (V | 1),  out = num[:d] / den,  den = max(phi(Q) z, eps)
+        num = phi(Q) S,  raw = phi(Q) z,  out = num / den,  den = max(raw, eps)
+        S = phi(K)^T V,  z = phi(K)^T 1
 
-        dN = (dOut / den | -(dOut . out) / den)   (the second column zero where eps holds den)
-        d(S | z) = sum over query blocks of phi(Q)^T dN,  dphi(Q) = dN (S | z)^T
+        dN = dOut / den,  d_raw = -(dN . out)   (zero where eps holds den)
+        dS = sum over query blocks of phi(Q)^T dN,  dz = sum of phi(Q)^T d_raw
+        dphi(Q) = dN S^T + d_raw z^T
         dphi(K) = V dS^T + dz,  dV = phi(K) dS
 
     and each feature map's derivative from its output. q (batch, heads, q_len, d), k, v (batch, kv_heads, n, d).
@@ -218,31 +228,32 @@ class _NonCausal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, name: str, block: int, eps: float):
         out, state = _noncausal(q, k, v, phi=FEATURE_MAPS[name], block=block, eps=eps)
-        ctx.save_for_backward(q, k, v, state, out)
+        ctx.save_for_backward(q, k, v, out, *state)
         ctx.name, ctx.block, ctx.eps = name, block, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, state, out = ctx.saved_tensors
+        q, k, v, out, kv, z = ctx.saved_tensors
         phi, grad, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.block, ctx.eps
-        heads, kv_heads, dim_v = q.shape[1], k.shape[1], v.shape[-1]
-        acc = state.dtype
+        heads, kv_heads = q.shape[1], k.shape[1]
         rows, out_rows = group_queries(q, kv_heads), group_queries(out, kv_heads)  # (batch, kv_heads, rows, d)
         d_rows = group_queries(d_out, kv_heads)  # (batch, kv_heads, rows, head_dim)
-        z = state[..., dim_v:]  # (batch, kv_heads, head_dim, 1)
-        d_state = torch.zeros_like(state)  # (batch, kv_heads, head_dim, head_dim + 1)
+        d_state = _State(torch.zeros_like(kv), torch.zeros_like(z))  # dS, dz: summed over the blocks
+        kv_t, z_row = kv.transpose(-2, -1), z.unsqueeze(-2)  # (batch, kv_heads, d, d), (batch, kv_heads, 1, d)
 
-        def query_grads(start: int, stop: int) -> tuple[torch.Tensor]:  # and d_state, summed over the blocks
-            phi_q = phi(rows[:, :, start:stop]).to(acc)  # (batch, kv_heads, length, head_dim)
-            raw = phi_q @ z  # (batch, kv_heads, length, 1): the normalizer before its floor
-            d_num = _numerator_grads(d_rows[:, :, start:stop], out_rows[:, :, start:stop], raw, eps=eps)
-            d_state.add_(phi_q.transpose(-2, -1) @ d_num)
-            return (grad(phi_q, d_num @ state.transpose(-2, -1)).to(q.dtype),)
-
-        (d_q,) = _blockwise(rows.shape[2], block, query_grads)  # (batch, kv_heads, rows, head_dim)
-        d_k, d_v = _key_state_grads(k, v, d_state, name=ctx.name, block=block)  # (batch, kv_heads, n, d) each
+        d_q, d_k, d_v = torch.empty_like(rows), torch.empty_like(k), torch.empty_like(v)
+        for start in range(0, rows.shape[2], block):
+            stop = min(start + block, rows.shape[2])
+            phi_q = phi(rows[:, :, start:stop]).to(kv.dtype)  # (batch, kv_heads, length, head_dim)
+            raw = _normalizer(phi_q, z)  # (batch, kv_heads, length)
+            d_num, d_raw = _output_grads(d_rows[:, :, start:stop], out_rows[:, :, start:stop], raw, eps=eps)
+            d_state.kv.add_(phi_q.transpose(-2, -1) @ d_num)
+            d_state.z.add_(_row_sums(phi_q, d_raw))
+            d_phi_q = (d_num @ kv_t).addcmul_(d_raw.unsqueeze(-1), z_row)  # (batch, kv_heads, length, d)
+            grad(phi_q, d_phi_q, out=d_q[:, :, start:stop])
+        _key_state_grads(k, v, d_state, name=ctx.name, block=block, d_k=d_k, d_v=d_v)  # the state's, over n
         return ungroup_queries(d_q, heads), d_k, d_v, None, None, None
 
 
@@ -265,17 +276,9 @@ def _block_positions(
     return chunk * max(1, elements // (batch * heads * dim * chunk))
 
 
-def _store(out: torch.Tensor, start: int, num: torch.Tensor, *, eps: float) -> None:
-    """out[:, :, start:start + length] = numerator / max(normalizer, eps); ``num`` is (..., length, d_v + 1).
-
-    Its last column is the normalizer. The quotient is written straight into ``out`` (no autograd: under it
-    the blocks are one), cast to ``out``'s dtype (from float32 for half-precision inputs).
-    """
-    dim_v = out.shape[-1]
-    length = min(num.shape[2], out.shape[2] - start)  # drop the padding rows
-    numerator = num[:, :, :length, :dim_v]  # (batch, heads, length, head_dim)
-    denominator = num[:, :, :length, dim_v:].clamp_min(eps)  # (batch, heads, length, 1)
-    torch.div(numerator, denominator, out=out[:, :, start : start + length])
+def _divide(num: torch.Tensor, raw: torch.Tensor, *, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """num / max(raw, eps): num (..., rows, d) over raw (..., rows), into ``out`` when given (cast to its dtype)."""
+    return torch.div(num, raw.clamp_min(eps).unsqueeze(-1), out=out)
 
 
 def _positions(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -284,50 +287,42 @@ def _positions(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x if start == 0 and stop >= x.shape[2] else x[:, :, start:stop]
 
 
-def _quotient(num: torch.Tensor, *, dim_v: int, eps: float) -> torch.Tensor:
-    """numerator / max(normalizer, eps) of ``num`` (..., length, d_v + 1), whose last column is the normalizer."""
-    return num[..., :dim_v] / num[..., dim_v:].clamp_min(eps)
+def _zero_state(k: torch.Tensor, v: torch.Tensor, acc: torch.dtype) -> _State:
+    """S and z over no positions, for keys k and values v (batch, kv_heads, length, d)."""
+    batch, kv_heads, _, dim = k.shape
+    kv = k.new_zeros(batch, kv_heads, dim, v.shape[-1], dtype=acc)  # (batch, kv_heads, head_dim, head_dim)
+    return _State(kv, k.new_zeros(batch, kv_heads, dim, dtype=acc))  # z: (batch, kv_heads, head_dim)
 
 
-def _with_ones(v: torch.Tensor) -> torch.Tensor:
-    """(v | 1): the extra column carries the normalizer through the same products."""
-    ones = v.new_ones(*v.shape[:-1], 1)  # (batch, heads, length, 1)
-    return torch.cat([v, ones], dim=-1)  # (batch, heads, length, head_dim + 1)
-
-
-def _key_state(k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, acc: torch.dtype) -> torch.Tensor:
-    """(S | z) = sum_j phi(k_j) (v_j | 1)^T over every position of k, v (batch, kv_heads, length, head_dim).
-
-    Returns (batch, kv_heads, head_dim, head_dim + 1) in ``acc``, a block of positions at a time.
-    """
-    batch, kv_heads, length, dim = k.shape
-    dim_v = v.shape[-1]
-    kv = k.new_zeros(batch, kv_heads, dim, dim_v, dtype=acc)  # (batch, kv_heads, head_dim, head_dim): S
-    z = k.new_zeros(batch, kv_heads, dim, dtype=acc)  # (batch, kv_heads, head_dim): z = sum_j phi(k_j)
-    for start in range(0, length, block):
+def _key_state(k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, acc: torch.dtype) -> _State:
+    """S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over every position of k, v (batch, kv_heads, length, d),
+    in ``acc``, a block of positions at a time."""
+    state = _zero_state(k, v, acc)
+    for start in range(0, k.shape[2], block):
         phi_k = phi(_positions(k, start, start + block)).to(acc)  # (batch, kv_heads, length, head_dim)
         v_blk = _positions(v, start, start + block).to(acc)  # (batch, kv_heads, length, head_dim)
-        kv = kv + torch.matmul(phi_k.transpose(-2, -1), v_blk)  # (batch, kv_heads, head_dim, head_dim)
-        z = z + phi_k.sum(dim=2)  # (batch, kv_heads, head_dim)
-    return torch.cat([kv, z.unsqueeze(-1)], dim=-1)  # (batch, kv_heads, head_dim, head_dim + 1): (S | z)
+        state.kv.add_(phi_k.transpose(-2, -1) @ v_blk)  # (batch, kv_heads, head_dim, head_dim)
+        state.z.add_(phi_k.sum(dim=2))  # (batch, kv_heads, head_dim)
+    return state
 
 
 def _noncausal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, block: int, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time; and (S | z).
+) -> tuple[torch.Tensor, _State]:
+    """phi(Q) (phi(K)^T V) normalized by phi(Q) sum_j phi(k_j), a block of positions at a time; and S, z.
 
     Each key/value head's state serves its group of query heads, their rows side by side (``group_queries``).
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
-    state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
+    state = _key_state(k, v, phi=phi, block=block, acc=acc)
     rows = group_queries(q, kv_heads)  # (batch, kv_heads, group * q_len, head_dim)
     out = v.new_empty(*rows.shape[:3], v.shape[-1])  # (batch, kv_heads, group * q_len, head_dim), the input dtype
     for start in range(0, rows.shape[2], block):
         phi_q = phi(rows[:, :, start : start + block]).to(acc)  # (batch, kv_heads, length, head_dim)
-        _store(out, start, torch.matmul(phi_q, state), eps=eps)  # (batch, kv_heads, length, head_dim + 1)
-    return ungroup_queries(out, heads), state  # (batch, heads, q_len, head_dim), (S | z)
+        stop = start + phi_q.shape[2]
+        _divide(phi_q @ state.kv, _normalizer(phi_q, state.z), eps=eps, out=out[:, :, start:stop])
+    return ungroup_queries(out, heads), state  # (batch, heads, q_len, head_dim)
 
 
 def _chunk_rows(x: torch.Tensor, *, kv_heads: int, chunk: int) -> torch.Tensor:
@@ -347,15 +342,82 @@ def _unchunk_rows(x: torch.Tensor, *, heads: int, chunk: int) -> torch.Tensor:
 
 
 def _sums_before(x: torch.Tensor, *, after: bool = False) -> torch.Tensor:
-    """For each chunk, the sum of x over the chunks before it (after it with ``after``): x (..., n_chunks, d, e).
+    """For each chunk, the sum of x over the chunks before it (after it with ``after``): x (b, kv_heads,
+    n_chunks, ...).
 
     One product with a strictly triangular matrix of ones over the flattened states, in place of aten's cumsum
     along a middle dimension (and flips): the causal training step at 8192 tokens 129.6 ms against 134.0.
     """
-    n_chunks = x.shape[-3]
+    n_chunks = x.shape[2]
     ones = torch.ones(n_chunks, n_chunks, dtype=x.dtype, device=x.device)
     triangle = ones.triu(1) if after else ones.tril(-1)  # (n_chunks, n_chunks)
-    return torch.matmul(triangle, x.flatten(-2)).view_as(x)  # (..., n_chunks, d, e)
+    return torch.matmul(triangle, x.flatten(3)).view_as(x)  # (b, kv_heads, n_chunks, ...)
+
+
+def _add_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x += a @ b for x (..., r, e), a (..., r, m), b (..., m, e) with the same leading dimensions: the product
+    adds itself into a contiguous x (no pass over x of its own) when the dtypes agree."""
+    if x.is_contiguous() and a.dtype == b.dtype == x.dtype:
+        x.flatten(0, -3).baddbmm_(a.flatten(0, -3), b.flatten(0, -3))
+        return x
+    return x.add_(a @ b)
+
+
+def _mask_later_keys_(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Zero, in place, the entries of (..., group * chunk, chunk) where key j is after row i's query
+    (j > i mod chunk)."""
+    if group == 1:
+        return scores.tril_()
+    chunk = scores.shape[-1]
+    return scores.masked_fill_(~torch.tril(scores.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1), 0)
+
+
+def _chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: FeatureMap, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block cut into chunks: q (batch, heads, length, d), k, v (batch, kv_heads, length, d) aligned position
+    by position -> phi(Q_c) (batch, kv_heads, n_chunks, group * chunk, d), phi(K_c) and V_c (batch, kv_heads,
+    n_chunks, chunk, d), and A_c = tril(phi(Q_c) phi(K_c)^T) (batch, kv_heads, n_chunks, group * chunk, chunk),
+    in the inputs' dtype.
+
+    Padding (only in the last block) goes after every real position: causally invisible, and phi(k) is padded
+    with zeros, so it adds nothing to any sum."""
+    kv_heads = k.shape[1]
+    q_c = _chunk_rows(pad_seq(phi(q), chunk), kv_heads=kv_heads, chunk=chunk)  # (b, kvh, nc, g * chunk, d)
+    k_c = pad_seq(phi(k), chunk).unflatten(2, (-1, chunk))  # (batch, kv_heads, n_chunks, chunk, head_dim)
+    # contiguous: a slice of v across heads would be copied by each product that takes it
+    v_c = pad_seq(v, chunk).contiguous().unflatten(2, (-1, chunk))  # (batch, kv_heads, n_chunks, chunk, head_dim)
+    # within a chunk: key j visible to row i of the group's rows when j <= i mod chunk
+    scores = _mask_later_keys_(torch.matmul(q_c, k_c.transpose(-2, -1)), q.shape[1] // kv_heads)
+    return q_c, k_c, v_c, scores
+
+
+class _Sums(NamedTuple):
+    """What a block's output needs besides its chunks, and what the backward keeps of the forward: the sums S
+    and z over every position before each chunk, (batch, kv_heads, n_chunks, d, d) and (..., n_chunks, d), and the
+    normalizer before its floor, phi(Q_c) z_c + A_c 1 (batch, kv_heads, n_chunks, group * chunk), in the sums'
+    dtype."""
+
+    prefix: _State
+    raw: torch.Tensor
+
+
+def _block_sums(
+    q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, scores: torch.Tensor, state: _State, acc: torch.dtype
+) -> tuple[_Sums, _State]:
+    """The block's prefix sums and normalizers from its chunks (``_chunks``) and the state entering it; and the
+    state leaving it."""
+    k_acc = k_c.to(acc)  # (batch, kv_heads, n_chunks, chunk, head_dim)
+    chunk_kv = torch.matmul(k_acc.transpose(-2, -1), v_c.to(acc))  # (batch, kv_heads, n_chunks, d, d)
+    chunk_z = k_acc.sum(dim=-2)  # (batch, kv_heads, n_chunks, head_dim)
+    # across chunks: exclusive prefix sums of the chunk sums, starting from the carried state
+    prefix = _State(
+        _sums_before(chunk_kv).add_(state.kv.unsqueeze(2)),  # (batch, kv_heads, n_chunks, head_dim, head_dim)
+        _sums_before(chunk_z).add_(state.z.unsqueeze(2)),  # (batch, kv_heads, n_chunks, head_dim)
+    )
+    raw = _normalizer(q_c.to(acc), prefix.z).add_(scores.sum(dim=-1))  # (batch, kv_heads, n_chunks, g * chunk)
+    leaving = _State(prefix.kv[:, :, -1] + chunk_kv[:, :, -1], prefix.z[:, :, -1] + chunk_z[:, :, -1])
+    return _Sums(prefix, raw), leaving
 
 
 def _causal(
@@ -367,131 +429,110 @@ def _causal(
     chunk: int,
     block: int,
     eps: float,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Causal linear attention by chunks: quadratic within a chunk, carried state (S | z) across chunks.
+    state: _State | None = None,
+) -> tuple[torch.Tensor, list[_Sums]]:
+    """Causal linear attention by chunks: quadratic within a chunk, carried sums S and z across chunks.
 
     q (batch, heads, length, d) and k, v (batch, kv_heads, length, d) are aligned position by position;
-    ``state`` (batch, kv_heads, d, d + 1) holds the keys before them (cross lengths), None: nothing. Returns the
-    output and the state entering each block of ``block`` positions.
+    ``state`` holds the keys before them (cross lengths), None: nothing. Returns the output and each block's
+    ``_Sums`` (block by block, ``block`` positions each).
     """
-    batch, heads, seq_len, dim = q.shape
-    kv_heads, dim_v = k.shape[1], v.shape[-1]
-    group = heads // kv_heads
+    heads, seq_len = q.shape[1], q.shape[2]
+    group = heads // k.shape[1]
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)  # the sums' dtype: float32 for half inputs
-    if state is None:
-        # state = sum over the positions before the block of phi(k) (v | 1)^T; its last column is z
-        state = q.new_zeros(batch, kv_heads, dim, dim_v + 1, dtype=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
-    # key j of a chunk visible to row i of the group's rows when j <= i mod chunk (None: tril_ does it)
-    keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1) if group > 1 else None
-    whole = block >= seq_len  # one block (always under autograd): no output buffer to write slices of
-    out = None if whole else v.new_empty(batch, heads, seq_len, dim_v)  # (batch, heads, seq_len, head_dim)
-    entering = []  # the state entering each block
+    state = _zero_state(k, v, acc) if state is None else state
+    out = v.new_empty(*q.shape[:3], v.shape[-1])  # (batch, heads, seq_len, head_dim)
+    kept = []  # each block's sums
     for start in range(0, seq_len, block):
-        entering.append(state)
         stop = min(start + block, seq_len)
-        # padding (only in the last block) goes after every real position: causally invisible,
-        # and phi(k) is padded with zeros, so it adds nothing to any state
-        q_blk = pad_seq(phi(_positions(q, start, stop)), chunk)  # (batch, heads, padded, head_dim)
-        k_blk = pad_seq(phi(_positions(k, start, stop)), chunk)  # (batch, kv_heads, padded, head_dim)
-        v_blk = pad_seq(_with_ones(_positions(v, start, stop)), chunk)  # (batch, kv_heads, padded, head_dim + 1)
-        padded = q_blk.shape[2]
-        n_chunks = padded // chunk
-        q_c = _chunk_rows(q_blk, kv_heads=kv_heads, chunk=chunk)  # (batch, kv_heads, n_chunks, group*chunk, d)
-        k_c = k_blk.view(batch, kv_heads, n_chunks, chunk, dim)  # (batch, kv_heads, n_chunks, chunk, head_dim)
-        v_c = v_blk.view(batch, kv_heads, n_chunks, chunk, dim_v + 1)  # (batch, kv_heads, n_chunks, chunk, d + 1)
-
-        # within a chunk: the quadratic form, key j visible to query i when j <= i (in the input dtype)
-        scores = torch.matmul(q_c, k_c.transpose(-2, -1))  # (batch, kv_heads, n_chunks, group * chunk, chunk)
-        scores = scores.tril_() if keep is None else scores.masked_fill_(~keep, 0)
-        # across chunks: exclusive prefix sums of the chunk states, starting from the carried state (in acc)
-        k_t = k_c.transpose(-2, -1).to(acc)  # (batch, kv_heads, n_chunks, head_dim, chunk)
-        chunk_states = torch.matmul(k_t, v_c.to(acc))  # (batch, kv_heads, n_chunks, head_dim, head_dim + 1)
-        prefix = _sums_before(chunk_states).add_(state.unsqueeze(2))  # (batch, kv_heads, n_chunks, d, d + 1)
-        state = prefix[:, :, -1] + chunk_states[:, :, -1]  # (batch, kv_heads, head_dim, head_dim + 1)
-
-        # (batch, kv_heads, n_chunks, group * chunk, head_dim + 1), in acc
-        num = torch.matmul(q_c.to(acc), prefix) + torch.matmul(scores, v_c)
-        num = _unchunk_rows(num, heads=heads, chunk=chunk)  # (batch, heads, padded, head_dim + 1)
-        if whole:
-            return _quotient(num[:, :, :seq_len], dim_v=dim_v, eps=eps).to(v.dtype), entering  # (b, h, seq_len, d)
-        _store(out, start, num, eps=eps)
-    return out, entering
+        q_c, k_c, v_c, scores = _chunks(*(_positions(x, start, stop) for x in (q, k, v)), phi=phi, chunk=chunk)
+        sums, state = _block_sums(q_c, k_c, v_c, scores, state, acc)
+        kept.append(sums)
+        # phi(Q_c) S_c + A_c V_c over max(raw, eps): (batch, kv_heads, n_chunks, group * chunk, head_dim)
+        num = _add_product(torch.matmul(q_c.to(acc), sums.prefix.kv), scores, v_c)
+        if group == 1 and (stop - start) % chunk == 0:  # the output's positions are the chunks' rows: a view
+            _divide(num, sums.raw, eps=eps, out=out[:, :, start:stop].unflatten(2, (-1, chunk)))
+        else:
+            num = _divide(num, sums.raw, eps=eps)
+            out[:, :, start:stop] = _unchunk_rows(num, heads=heads, chunk=chunk)[:, :, : stop - start]
+    return out, kept
 
 
 class _Causal(torch.autograd.Function):
     """Causal linear attention under autograd: the forward is the blocked one of ``_causal``, and the backward,
-    written out, walks the blocks from the last, recomputing each block's feature maps and chunk states from the
-    state that entered it (kept from the forward, with the inputs and the output). Per chunk c of a block, with
-    P_c the state before the chunk, C_c = phi(K_c)^T (V_c | 1) and A_c = tril(phi(Q_c) phi(K_c)^T):
+    written out, walks the blocks from the last. It keeps the inputs, the output and each block's ``_Sums`` (the
+    prefix sums before every chunk: n / chunk x d x d numbers per key/value head, as many as k's at chunk = d),
+    and recomputes each block's feature maps and quadratic form (``_chunks``). Per chunk c of a block, with
+    (P_c, p_c) the sums S and z before the chunk and A_c = tril(phi(Q_c) phi(K_c)^T):
 
-        num_c = phi(Q_c) P_c + A_c (V_c | 1);  dN_c as for the non-causal form
-        dphi(Q_c) = dN_c P_c^T + tril(dN_c (V_c | 1)^T) phi(K_c)
-        dC_c = G + sum over the block's later chunks c' of phi(Q_c')^T dN_c'   (G: the gradient of the state the
-        block hands on, from the blocks after it)
-        dphi(K_c) = tril(dN_c (V_c | 1)^T)^T phi(Q_c) + (V_c | 1) dC_c^T,  d(V_c | 1) = A_c^T dN_c + phi(K_c) dC_c
+        num_c = phi(Q_c) P_c + A_c V_c,  raw_c = phi(Q_c) p_c + A_c 1;  dN_c and d_raw_c as for the non-causal form
+        dA_c = tril(dN_c V_c^T + d_raw_c 1^T)
+        dphi(Q_c) = dN_c P_c^T + d_raw_c p_c^T + dA_c phi(K_c)
+        dC_c = G + sum over the block's later chunks c' of phi(Q_c')^T dN_c', and dc_c likewise with d_raw
+        (G, g: the gradients of the sums the block hands on, from the blocks after it)
+        dphi(K_c) = dA_c^T phi(Q_c) + V_c dC_c^T + dc_c,  dV_c = A_c^T dN_c + phi(K_c) dC_c
 
-    and the state entering the block gets G + sum_c phi(Q_c)^T dN_c. The keys before the queries (cross lengths)
-    get theirs from the state's gradient at the start, as the non-causal keys do.
+    and the sums entering the block get G + sum_c phi(Q_c)^T dN_c, g + sum_c phi(Q_c)^T d_raw_c. The keys before
+    the queries (cross lengths) get theirs from the state's gradient at the start, as the non-causal keys do.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, name: str, chunk: int, block: int, eps: float):
-        out, entering = _causal_with_earlier_keys(q, k, v, phi=FEATURE_MAPS[name], chunk=chunk, block=block, eps=eps)
-        ctx.save_for_backward(q, k, v, out, *entering)
+        out, kept = _causal_with_earlier_keys(q, k, v, phi=FEATURE_MAPS[name], chunk=chunk, block=block, eps=eps)
+        ctx.save_for_backward(q, k, v, out, *(t for sums in kept for t in (*sums.prefix, sums.raw)))
         ctx.name, ctx.chunk, ctx.block, ctx.eps = name, chunk, block, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, out, *entering = ctx.saved_tensors
+        q, k, v, out, *saved = ctx.saved_tensors
+        kept = [_Sums(_State(*saved[i : i + 2]), saved[i + 2]) for i in range(0, len(saved), 3)]
         phi, grad, chunk, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.chunk, ctx.block, ctx.eps
-        heads, q_len = q.shape[1], q.shape[2]
-        kv_heads, dim_v = k.shape[1], v.shape[-1]
+        heads, q_len, kv_heads = q.shape[1], q.shape[2], k.shape[1]
         before = k.shape[2] - q_len
-        acc = entering[0].dtype
+        acc = kept[0].raw.dtype
         group = heads // kv_heads
-        keep = torch.tril(q.new_ones(chunk, chunk, dtype=torch.bool)).repeat(group, 1)  # (group * chunk, chunk)
         d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        g_state = torch.zeros_like(entering[0])  # (batch, kv_heads, head_dim, head_dim + 1): G
+        dim = kept[0].prefix.kv.shape[-2:]
+        g_state = _State(q.new_zeros(*k.shape[:2], *dim, dtype=acc), q.new_zeros(*k.shape[:2], dim[0], dtype=acc))
         starts = list(range(0, q_len, block))
-        for start, state in zip(reversed(starts), reversed(entering), strict=True):
+        for start, (prefix, raw) in zip(reversed(starts), reversed(kept), strict=True):
             stop = min(start + block, q_len)
             length = stop - start
-
-            phi_q = phi(q[:, :, start:stop]).to(acc)  # (batch, heads, length, head_dim)
-            phi_k = phi(k[:, :, before + start : before + stop]).to(acc)  # (batch, kv_heads, length, head_dim)
-            tail_v = v[:, :, before + start : before + stop]
-            q_c = _chunk_rows(pad_seq(phi_q, chunk), kv_heads=kv_heads, chunk=chunk)  # (b, kvh, nc, g*chunk, d)
-            k_c = pad_seq(phi_k, chunk).unflatten(2, (-1, chunk))  # (batch, kv_heads, nc, chunk, head_dim)
-            v_c = pad_seq(_with_ones(tail_v.to(acc)), chunk).unflatten(2, (-1, chunk))  # (b, kvh, nc, chunk, d + 1)
-            scores = (q_c @ k_c.transpose(-2, -1)).masked_fill_(~keep, 0)  # (b, kvh, nc, g*chunk, chunk): A_c
-            chunk_states = k_c.transpose(-2, -1) @ v_c  # (batch, kv_heads, nc, head_dim, head_dim + 1): C_c
-            prefix = _sums_before(chunk_states).add_(state.unsqueeze(2))  # P_c
-            raw = q_c @ prefix[..., dim_v:] + scores @ v_c[..., dim_v:]  # (b, kvh, nc, g*chunk, 1)
-            rows = (d_out, out)
+            # recomputed in acc: the feature maps of half inputs too (their gradients are taken in acc)
+            parts = (x.to(acc) for x in (q[:, :, start:stop], k[:, :, before + start : before + stop]))
+            phi_q, phi_k = (phi(x) for x in parts)  # (batch, heads or kv_heads, length, head_dim)
+            tail_v = v[:, :, before + start : before + stop].to(acc)
+            q_c, k_c, v_c, scores = _chunks(phi_q, phi_k, tail_v, phi=_identity, chunk=chunk)
             d_out_c, out_c = (
-                _chunk_rows(pad_seq(x[:, :, start:stop], chunk), kv_heads=kv_heads, chunk=chunk) for x in rows
+                _chunk_rows(pad_seq(x[:, :, start:stop], chunk), kv_heads=kv_heads, chunk=chunk) for x in (d_out, out)
             )
-            d_num = _numerator_grads(d_out_c, out_c, raw, eps=eps)  # (b, kvh, nc, g*chunk, head_dim + 1)
-            d_prefix = q_c.transpose(-2, -1) @ d_num  # (batch, kv_heads, nc, head_dim, head_dim + 1)
-            later = _sums_before(d_prefix, after=True)  # sum over the block's later chunks
-            d_states = later + g_state.unsqueeze(2)  # (batch, kv_heads, nc, head_dim, head_dim + 1): dC_c
-            g_state = g_state + d_prefix.sum(dim=2)  # the gradient of the state entering this block
-            d_scores = (d_num @ v_c.transpose(-2, -1)).masked_fill_(~keep, 0)  # (b, kvh, nc, g*chunk, chunk)
-            d_phi_q = d_num @ prefix.transpose(-2, -1) + d_scores @ k_c  # (b, kvh, nc, g*chunk, head_dim)
-            d_phi_k = d_scores.transpose(-2, -1) @ q_c + v_c @ d_states.transpose(-2, -1)  # (b, kvh, nc, c, d)
-            d_v_c = scores.transpose(-2, -1) @ d_num + k_c @ d_states  # (batch, kv_heads, nc, chunk, head_dim + 1)
+            d_num, d_raw = _output_grads(d_out_c, out_c, raw, eps=eps)  # (b, kvh, nc, g*c, d), (b, kvh, nc, g*c)
+            d_prefix = _State(q_c.transpose(-2, -1) @ d_num, _row_sums(q_c, d_raw))  # per chunk
+            d_chunk = _State(  # dC_c, dc_c: (batch, kv_heads, n_chunks, head_dim, head_dim), (..., n_chunks, d)
+                _sums_before(d_prefix.kv, after=True).add_(g_state.kv.unsqueeze(2)),
+                _sums_before(d_prefix.z, after=True).add_(g_state.z.unsqueeze(2)),
+            )
+            g_state = _State(g_state.kv + d_prefix.kv.sum(dim=2), g_state.z + d_prefix.z.sum(dim=2))
+            d_scores = _mask_later_keys_((d_num @ v_c.transpose(-2, -1)).add_(d_raw.unsqueeze(-1)), group)
+            d_phi_q = (d_num @ prefix.kv.transpose(-2, -1)).addcmul_(d_raw.unsqueeze(-1), prefix.z.unsqueeze(-2))
+            d_phi_q = _add_product(d_phi_q, d_scores, k_c)  # (batch, kv_heads, n_chunks, group * chunk, d)
+            d_phi_k = (v_c @ d_chunk.kv.transpose(-2, -1)).add_(d_chunk.z.unsqueeze(-2))
+            d_phi_k = _add_product(d_phi_k, d_scores.transpose(-2, -1), q_c)  # (b, kvh, nc, chunk, d)
+            d_v_c = _add_product(k_c @ d_chunk.kv, scores.transpose(-2, -1), d_num)  # (b, kvh, nc, chunk, d)
             d_phi_q = _unchunk_rows(d_phi_q, heads=heads, chunk=chunk)[:, :, :length]  # (b, h, length, d)
             grad(phi_q, d_phi_q, out=d_q[:, :, start:stop])  # written in place: no copy of the block
             grad(phi_k, d_phi_k.flatten(2, 3)[:, :, :length], out=d_k[:, :, before + start : before + stop])
-            d_v[:, :, before + start : before + stop] = d_v_c.flatten(2, 3)[:, :, :length, :dim_v]
+            d_v[:, :, before + start : before + stop] = d_v_c.flatten(2, 3)[:, :, :length]
         if before:
-            d_k[:, :, :before], d_v[:, :, :before] = _key_state_grads(
-                k[:, :, :before], v[:, :, :before], g_state, name=ctx.name, block=block
-            )
+            k_0, v_0, d_k_0, d_v_0 = (x[:, :, :before] for x in (k, v, d_k, d_v))  # the keys before the queries
+            _key_state_grads(k_0, v_0, g_state, name=ctx.name, block=block, d_k=d_k_0, d_v=d_v_0)
         return d_q, d_k, d_v, None, None, None, None
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def linear_attention(
@@ -525,7 +566,7 @@ def linear_attention(
 def _causal_with_earlier_keys(q, k, v, *, phi: FeatureMap, chunk: int, block: int, eps: float):
     """Causal linear attention with kv_len >= q_len: the keys before the first query's own position (every query
     sees them, the lower-right alignment) summed into the starting state first. Returns ``_causal``'s output and
-    states entering each block."""
+    its blocks' sums."""
     before = k.shape[2] - q.shape[2]
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)
     state = _key_state(k[:, :, :before], v[:, :, :before], phi=phi, block=block, acc=acc) if before else None
@@ -546,7 +587,7 @@ class LinearAttention(AttentionModule):
     supports_causal = True
     supports_grouped_heads = True  # one state per key/value head, read by its group of query heads
     supports_cross = True  # any number of queries over the keys' state; causal: the earlier keys start it
-    supports_decode = True  # the running state (S | z): O(d^2) per step and in memory, whatever the context
+    supports_decode = True  # the running sums S and z: O(d^2) per step and in memory, whatever the context
     decode_complexity = "O(d^2)"  # a step's time and its cache's bytes
     config: LinearConfig
 
@@ -582,25 +623,19 @@ class LinearAttention(AttentionModule):
         acc = _STATE_DTYPES.get(k.dtype, k.dtype)
         phi = feature_map(self.config.feature_map)
         block = _block_positions(k.shape, chunk=1, causal=False, device=k.device)
-        state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (batch, kv_heads, head_dim, head_dim + 1)
-        return DecodeCache(length=k.shape[2], capacity=capacity, tensors={"state": state})
+        state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (b, kvh, d, d) and (b, kvh, d)
+        return DecodeCache(length=k.shape[2], capacity=capacity, tensors=state._asdict())
 
     def decode_step(self, q, k, v, cache):
         cache.check_room()
-        state = cache.tensors["state"]  # (batch, kv_heads, head_dim, head_dim + 1)
+        kv, z = cache.tensors["kv"], cache.tensors["z"]  # (batch, kv_heads, d, d), (batch, kv_heads, d)
         phi = feature_map(self.config.feature_map)
-        phi_k = phi(k).to(state.dtype)  # (batch, kv_heads, 1, head_dim)
-        state = state + torch.matmul(phi_k.transpose(-2, -1), _with_ones(v).to(state.dtype))  # a new tensor
-        rows = phi(group_queries(q, k.shape[1])).to(state.dtype)  # (batch, kv_heads, group, head_dim)
-        num = torch.matmul(rows, state)  # (batch, kv_heads, group, head_dim + 1)
-        out = _quotient(num, dim_v=v.shape[-1], eps=self.config.eps).to(q.dtype)  # (batch, kv_heads, group, d)
-        grown = DecodeCache(length=cache.length + 1, capacity=cache.capacity, tensors={"state": state})
+        phi_k = phi(k).to(kv.dtype)  # (batch, kv_heads, 1, head_dim)
+        state = _State(kv + phi_k.transpose(-2, -1) @ v.to(kv.dtype), z + phi_k[:, :, 0])  # new tensors
+        rows = phi(group_queries(q, k.shape[1])).to(kv.dtype)  # (batch, kv_heads, group, head_dim)
+        out = _divide(rows @ state.kv, _normalizer(rows, state.z), eps=self.config.eps).to(q.dtype)
+        grown = DecodeCache(length=cache.length + 1, capacity=cache.capacity, tensors=state._asdict())
         return ungroup_queries(out, q.shape[1]), grown  # (batch, heads, 1, head_dim)
-
-    @staticmethod
-    def _padded_len(config: LinearConfig, seq_len: int) -> int:
-        chunk = min(config.chunk_size, seq_len)
-        return -(-seq_len // chunk) * chunk
 
     @staticmethod
     def _key_state_flops(*, length: int, d: int) -> float:
@@ -613,7 +648,7 @@ class LinearAttention(AttentionModule):
         # states are per key/value head, the query products per query head
         d, q_len, kv_heads = head_dim, q_len or seq_len, kv_heads or heads
         if not causal:
-            # the key state over seq_len; phi(Q) (S | z), q_len d (d + 1); the division
+            # the key state over seq_len; phi(Q) S and phi(Q) z, q_len d (d + 1); the division
             per_query_head = 2.0 * q_len * d * (d + 1) + q_len * d
             return batch * (kv_heads * cls._key_state_flops(length=seq_len, d=d) + heads * per_query_head)
         chunk = min(config.chunk_size, q_len)
@@ -621,13 +656,15 @@ class LinearAttention(AttentionModule):
         n_chunks = padded // chunk
         per_query_head = (
             2.0 * padded * chunk * d  # phi(Q_c) phi(K_c)^T, the whole chunk x chunk block
-            + 2.0 * padded * chunk * (d + 1)  # masked scores times (V | 1)
-            + 2.0 * padded * d * (d + 1)  # phi(Q_c) times the prefix state
+            + 2.0 * padded * chunk * d
+            + padded * chunk  # masked scores times V_c, and their row sums
+            + 2.0 * padded * d * (d + 1)  # phi(Q_c) times the prefix sums S and z
             + 1.0 * padded * d  # the division by the normalizer
         )
         per_kv_head = (
             cls._key_state_flops(length=seq_len - q_len, d=d)  # the keys before the first query's own
-            + 2.0 * padded * d * (d + 1)  # chunk states phi(K_c)^T (V_c | 1)
+            + 2.0 * padded * d * d
+            + padded * d  # chunk sums phi(K_c)^T V_c and phi(K_c)^T 1
             + 1.0 * n_chunks * d * (d + 1)  # prefix sums of the chunk states
         )
         return batch * (heads * per_query_head + kv_heads * per_kv_head)
@@ -645,15 +682,16 @@ class LinearAttention(AttentionModule):
         acc = max(itemsize, 4)  # the sums' bytes per element: float32 for half inputs
         cast = acc if itemsize < 4 else 0  # half inputs: the float32 copies of a state product's operands
         if not causal:
-            # a block's phi(K) or phi(Q) (and its copy in acc), product and quotient
-            per_block = block * (d + 1) * (itemsize + 2 * acc + cast)
+            # a block's phi(K) or phi(Q) (and its copy in acc), product and its rows' dot products
+            per_block = block * d * (itemsize + 2 * acc + cast) + block * 2 * acc
         else:
             n_chunks = block // chunk
             per_block = (
-                (3.0 * block * (d + 1) + block * chunk) * itemsize  # the block's phi(Q), phi(K), (V | 1); scores
-                + 3.0 * n_chunks * d * (d + 1) * acc  # chunk states, shifted copy, prefix sums
-                + block * (d + 1) * (2 * acc + itemsize)  # the two products and their sum
-                + 3.0 * block * (d + 1) * cast  # phi(Q), phi(K), (V | 1) in acc
+                (3.0 * block * d + block * chunk) * itemsize  # the block's phi(Q), phi(K), V; scores
+                + 3.0 * n_chunks * d * (d + 1) * acc  # chunk sums, their products with the triangle, prefix sums
+                + block * d * (acc + itemsize)
+                + 2.0 * block * acc  # the two products; the normalizers
+                + 3.0 * block * d * cast  # phi(Q), phi(K), V in acc
             )
         # the output; temporaries; the carried state (grouped heads need less: this bounds them)
         return batch * heads * (q_len * d * itemsize + per_block + 2.0 * d * (d + 1) * acc)
@@ -661,9 +699,9 @@ class LinearAttention(AttentionModule):
     @classmethod
     def decode_flops(cls, config, *, batch, heads, kv_heads, seq_len, head_dim):
         d = head_dim
-        # the new key's phi(k)^T (v | 1) added to the state; phi(q) (S | z) and the division per query head
+        # the new key's phi(k)^T v and phi(k) added to S and z; phi(q) S, phi(q) z and the division per query head
         return batch * (kv_heads * 3.0 * d * (d + 1) + heads * (2.0 * d * (d + 1) + d))
 
     @classmethod
     def cache_bytes(cls, config, *, batch, heads, kv_heads, seq_len, head_dim, itemsize):
-        return float(batch * kv_heads * head_dim * (head_dim + 1) * max(itemsize, 4))  # (S | z), whatever seq_len
+        return float(batch * kv_heads * head_dim * (head_dim + 1) * max(itemsize, 4))  # S and z, whatever seq_len
