@@ -430,12 +430,13 @@ def _causal(
     block: int,
     eps: float,
     state: _State | None = None,
+    keep: bool = False,
 ) -> tuple[torch.Tensor, list[_Sums]]:
     """Causal linear attention by chunks: quadratic within a chunk, carried sums S and z across chunks.
 
     q (batch, heads, length, d) and k, v (batch, kv_heads, length, d) are aligned position by position;
-    ``state`` holds the keys before them (cross lengths), None: nothing. Returns the output and each block's
-    ``_Sums`` (block by block, ``block`` positions each).
+    ``state`` holds the keys before them (cross lengths), None: nothing. Returns the output and, with ``keep``,
+    each block's ``_Sums`` (block by block, ``block`` positions each; else none).
     """
     heads, seq_len = q.shape[1], q.shape[2]
     group = heads // k.shape[1]
@@ -447,7 +448,8 @@ def _causal(
         stop = min(start + block, seq_len)
         q_c, k_c, v_c, scores = _chunks(*(_positions(x, start, stop) for x in (q, k, v)), phi=phi, chunk=chunk)
         sums, state = _block_sums(q_c, k_c, v_c, scores, state, acc)
-        kept.append(sums)
+        if keep:
+            kept.append(sums)
         # phi(Q_c) S_c + A_c V_c over max(raw, eps): (batch, kv_heads, n_chunks, group * chunk, head_dim)
         num = _add_product(torch.matmul(q_c.to(acc), sums.prefix.kv), scores, v_c)
         if group == 1 and (stop - start) % chunk == 0:  # the output's positions are the chunks' rows: a view
@@ -478,7 +480,8 @@ class _Causal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, name: str, chunk: int, block: int, eps: float):
-        out, kept = _causal_with_earlier_keys(q, k, v, phi=FEATURE_MAPS[name], chunk=chunk, block=block, eps=eps)
+        phi = FEATURE_MAPS[name]
+        out, kept = _causal_with_earlier_keys(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps, keep=True)
         ctx.save_for_backward(q, k, v, out, *(t for sums in kept for t in (*sums.prefix, sums.raw)))
         ctx.name, ctx.chunk, ctx.block, ctx.eps = name, chunk, block, eps
         return out
@@ -563,7 +566,7 @@ def linear_attention(
     return _causal_with_earlier_keys(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)[0]
 
 
-def _causal_with_earlier_keys(q, k, v, *, phi: FeatureMap, chunk: int, block: int, eps: float):
+def _causal_with_earlier_keys(q, k, v, *, phi: FeatureMap, chunk: int, block: int, eps: float, keep: bool = False):
     """Causal linear attention with kv_len >= q_len: the keys before the first query's own position (every query
     sees them, the lower-right alignment) summed into the starting state first. Returns ``_causal``'s output and
     its blocks' sums."""
@@ -571,7 +574,7 @@ def _causal_with_earlier_keys(q, k, v, *, phi: FeatureMap, chunk: int, block: in
     acc = _STATE_DTYPES.get(q.dtype, q.dtype)
     state = _key_state(k[:, :, :before], v[:, :, :before], phi=phi, block=block, acc=acc) if before else None
     tail_k, tail_v = k[:, :, before:], v[:, :, before:]  # (batch, kv_heads, q_len, head_dim), aligned with q
-    return _causal(q, tail_k, tail_v, phi=phi, chunk=chunk, block=block, eps=eps, state=state)
+    return _causal(q, tail_k, tail_v, phi=phi, chunk=chunk, block=block, eps=eps, state=state, keep=keep)
 
 
 @register("linear")
