@@ -173,7 +173,7 @@ class _State(NamedTuple):
 def _normalizer(phi_q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """phi(q_i)^T z for rows phi_q (..., rows, d) and z (..., d): (..., rows), the denominator before its floor.
 
-    A dot product per row: a matrix product with one column takes four times as long on the CPU."""
+    A dot product per row: a matrix product with one column takes three to four times as long on the CPU."""
     return torch.linalg.vecdot(phi_q, z.unsqueeze(-2))
 
 
@@ -497,8 +497,7 @@ class _Causal(torch.autograd.Function):
         acc = kept[0].raw.dtype
         group = heads // kv_heads
         d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dim = kept[0].prefix.kv.shape[-2:]
-        g_state = _State(q.new_zeros(*k.shape[:2], *dim, dtype=acc), q.new_zeros(*k.shape[:2], dim[0], dtype=acc))
+        g_state = _State(*(torch.zeros_like(sums[:, :, 0]) for sums in kept[0].prefix))  # G, g: as S and z
         starts = list(range(0, q_len, block))
         for start, (prefix, raw) in zip(reversed(starts), reversed(kept), strict=True):
             stop = min(start + block, q_len)
@@ -631,7 +630,7 @@ class LinearAttention(AttentionModule):
 
     def decode_step(self, q, k, v, cache):
         cache.check_room()
-        kv, z = cache.tensors["kv"], cache.tensors["z"]  # (batch, kv_heads, d, d), (batch, kv_heads, d)
+        kv, z = _State(**cache.tensors)  # (batch, kv_heads, d, d), (batch, kv_heads, d)
         phi = feature_map(self.config.feature_map)
         phi_k = phi(k).to(kv.dtype)  # (batch, kv_heads, 1, head_dim)
         state = _State(kv + phi_k.transpose(-2, -1) @ v.to(kv.dtype), z + phi_k[:, :, 0])  # new tensors
