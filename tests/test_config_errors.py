@@ -44,6 +44,14 @@ BAD_VALUES: dict[str, dict[str, list[object]]] = {
         "seed": [-1, "-1", "zigzag", "nan", 2**64],
         "kernel": ["triton", "", "nan"],
     },
+    "performer": {
+        "features": [0, -1, "0", "zigzag", "nan", 2.5],
+        "chunk_size": [0, -1, "0", "zigzag", "nan"],
+    },
+    "nystrom": {
+        "landmarks": [0, -1, "0", "zigzag", "nan", 1.5],
+        "pinv_iterations": [-1, "-2", "zigzag", "nan", 2.5],
+    },
     "reformer": {
         "bucket_size": [0, -1, "0", "zigzag", "nan"],
         "n_hashes": [0, -1, "0", "zigzag", "nan"],

@@ -50,7 +50,7 @@ def test_chunk_elements_per_device_type(device, expected):
 def test_linear_block_sizes_per_device_type():
     shape = (1, 8, 1 << 20, 64)
     positions = {
-        (device, causal): linear_module._block_positions(shape, chunk=64, causal=causal, device=device)
+        (device, causal): linear_module.block_positions(shape, chunk=64, causal=causal, device=device)
         for device in ("cpu", "cuda:0", "mps")
         for causal in (False, True)
     }
@@ -279,8 +279,8 @@ def test_linear_estimate_follows_the_devices_blocks(causal):
     assert estimate["cpu"] < estimate["mps"] < estimate["cuda"]
     # the output (n d) is common; the rest is one step's temporaries, proportional to the step's positions
     output = 8 * (1 << 17) * 64 * 4
-    cpu_steps = linear_module._block_positions((1, 8, 1 << 17, 64), chunk=64, causal=causal, device="cpu")
-    cuda_steps = linear_module._block_positions((1, 8, 1 << 17, 64), chunk=64, causal=causal, device="cuda")
+    cpu_steps = linear_module.block_positions((1, 8, 1 << 17, 64), chunk=64, causal=causal, device="cpu")
+    cuda_steps = linear_module.block_positions((1, 8, 1 << 17, 64), chunk=64, causal=causal, device="cuda")
     ratio = (estimate["cuda"] - output) / (estimate["cpu"] - output)
     assert ratio == pytest.approx(cuda_steps / cpu_steps, rel=0.05)
 

@@ -53,3 +53,17 @@ def test_unknown_mode_is_one_line() -> None:
     with pytest.raises(SystemExit) as raised:
         peers.main(["--modes", "fwd,backward"])
     assert raised.value.code == 2
+
+
+def test_unknown_pair_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        peers.main(["--pairs", "performer,flash"])
+    assert raised.value.code == 2
+    assert "unknown pair 'flash'" in capsys.readouterr().err
+
+
+def test_every_pair_names_a_registered_mechanism() -> None:
+    """--pairs selects by the label's first word: each is a registered implementation."""
+    from attention_impls import list_impls
+
+    assert {pair.label.split(" ")[0].rstrip(",") for pair in peers.pairs()} <= set(list_impls())

@@ -8,14 +8,21 @@ Peers (PyPI, installed by ``nox -s peers``; not dependencies of attnbench):
 | `linformer` | `linformer`: ``LinformerSelfAttention`` (with its projections)  |
 | `reformer`  | `reformer-pytorch`: ``LSHAttention``                            |
 | `linear`    | `linear-attention-transformer`: ``linear_attn``, ``causal_linear_attn`` |
+| `performer` | `performer-pytorch`: ``FastAttention`` (FAVOR+)                   |
+| `nystrom`   | `nystrom-attention`: ``NystromAttention(residual=False)``, identity projections |
 
 Same shapes, dtype, threads and hyperparameters (window, projected length,
-bucket size and hash rounds), in two modes: ``fwd`` (without autograd) and
+bucket size and hash rounds, random features, landmarks and pseudo-inverse
+steps), in two modes: ``fwd`` (without autograd) and
 ``fwd+bwd`` (a training step: the forward, then the backward of its sum, with
 gradients for q, k and v, or for the input and every projection). Both sides
 of a pair are timed in alternation, ``--rounds`` times, and the medians of all
 their samples are compared. Linformer's peer includes the q/k/v/output
-projections, so ours is wrapped in the same four ``nn.Linear`` for that pair.
+projections, so ours is wrapped in the same four ``nn.Linear`` for that pair;
+Nyströmformer's projections are made identities instead (they would be most
+of its time). Performer's causal peer is not timed: its CPU path keeps a
+(features x head_dim) sum per position and took 30 s a training step at 8192
+tokens, 40 times ours.
 The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's;
 a second row runs ours with its softmax feature map) and the causal one skips
 its own bucket: same O(n d^2) algorithm, not the same function; the table
@@ -115,6 +122,18 @@ def _linear_peer(*, causal: bool) -> Side:
     return make
 
 
+def _performer_peer(features: int) -> Side:
+    def make(seq_len: int):
+        from performer_pytorch import FastAttention
+
+        torch.manual_seed(0)
+        attn = FastAttention(dim_heads=HEAD_DIM, nb_features=features)
+        q, k, v = _qkv(seq_len)
+        return (lambda: attn(q, k, v)), [q, k, v]
+
+    return make
+
+
 class _Projected(nn.Module):
     """Our attention between the same q/k/v and output projections LinformerSelfAttention has."""
 
@@ -136,10 +155,10 @@ class _Projected(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, seq_len, D_MODEL))  # (batch, seq_len, d_model)
 
 
-def _linformer_ours(k: int) -> Side:
+def _projected_ours(name: str, **params) -> Side:
     def make(seq_len: int):
         torch.manual_seed(0)
-        module = _Projected(get("linformer", {"k": k}).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM))
+        module = _Projected(get(name, params).build(seq_len=seq_len, heads=HEADS, head_dim=HEAD_DIM))
         x = torch.randn(BATCH, seq_len, D_MODEL)
         return (lambda: module(x)), [x, *module.parameters()]
 
@@ -158,14 +177,41 @@ def _linformer_peer(k: int) -> Side:
     return make
 
 
+def _nystrom_peer(landmarks: int, iterations: int) -> Side:
+    """NystromAttention without its convolution, its projections made identities: it takes q, k and v side by
+    side as its input, (batch, seq_len, 3 x heads x head_dim), and hands the heads' output on as they are."""
+
+    def make(seq_len: int):
+        from nystrom_attention import NystromAttention
+
+        module = NystromAttention(
+            dim=D_MODEL,
+            dim_head=HEAD_DIM,
+            heads=HEADS,
+            num_landmarks=landmarks,
+            pinv_iterations=iterations,
+            residual=False,
+        )
+        module.to_qkv, module.to_out = nn.Identity(), nn.Identity()
+        q, k, v = _qkv(seq_len)
+        x = torch.cat([t.transpose(1, 2).reshape(BATCH, seq_len, D_MODEL) for t in (q, k, v)], dim=-1)
+        return (lambda: module(x)), [x]
+
+    return make
+
+
 def pairs() -> list[Pair]:
     window = get("local").config.window
     reformer = get("reformer").config
     linformer_k = get("linformer").config.k
+    features = get("performer").config.features
+    nystrom = get("nystrom").config
     return [
         Pair(f"local (window {window})", _ours("local", window=window), _local_peer(window)),
         Pair(
-            f"linformer (k {linformer_k}, with projections)", _linformer_ours(linformer_k), _linformer_peer(linformer_k)
+            f"linformer (k {linformer_k}, with projections)",
+            _projected_ours("linformer", k=linformer_k),
+            _linformer_peer(linformer_k),
         ),
         Pair(
             f"reformer (bucket {reformer.bucket_size}, {reformer.n_hashes} hashes)",
@@ -184,6 +230,13 @@ def pairs() -> list[Pair]:
             _ours("linear", causal=True),
             _linear_peer(causal=True),
             "peer: softmax feature map, skips its own bucket",
+        ),
+        Pair(f"performer ({features} features)", _ours("performer"), _performer_peer(features)),
+        Pair(
+            f"nystrom ({nystrom.landmarks} landmarks, {nystrom.pinv_iterations} steps)",
+            _ours("nystrom"),
+            _nystrom_peer(nystrom.landmarks, nystrom.pinv_iterations),
+            "peer: residual=False, its projections made identities",
         ),
     ]
 
@@ -255,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.3)
+    parser.add_argument("--pairs", default="", help="comma-separated mechanisms (e.g. performer,nystrom); default: all")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="reports/peers.md")
     parser.add_argument("--json", default="results/peers.json")
@@ -262,9 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    chosen = pairs()
+    if args.pairs:
+        names = args.pairs.split(",")
+        mechanisms = sorted({pair.label.split(" ")[0].rstrip(",") for pair in chosen})
+        if unknown := sorted(set(names) - set(mechanisms)):
+            parser.error(f"unknown pair {unknown[0]!r}; choose from {', '.join(mechanisms)}")
+        chosen = [pair for pair in chosen if pair.label.split(" ")[0].rstrip(",") in names]
     torch.set_num_threads(args.threads)
     rows = []
-    for pair in pairs():
+    for pair in chosen:
         for mode in modes:
             for seq_len in (int(n) for n in args.seq_lens.split(",")):
                 row = measure(pair, seq_len, mode, rounds=args.rounds, min_time_s=args.min_time, threads=args.threads)
