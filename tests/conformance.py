@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from attention_impls import ImplSpec, UnsupportedCase, get
@@ -19,6 +20,17 @@ HEADS = 2
 HEAD_DIM = 16
 EXACT_TOLERANCE = 1e-10  # float64 relative error for exact implementations
 APPROX_TOLERANCE = 1.0  # approximate ones: finite and below this
+
+
+def suite_params(names: list[str]) -> list:
+    """The implementations as pytest parameters, each one that can not run the suite's float64 CPU cases marked
+    skipped with its reason (FlexAttention's compiled kernel: tests/test_flex.py checks it, and runs this suite
+    on its uncompiled kernel)."""
+    params = []
+    for name in names:
+        reason = get(name).unsupported_reason(seq_len=8, head_dim=HEAD_DIM, causal=False, dtype=torch.float64)
+        params.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")) if reason else name)
+    return params
 
 
 def _spec(impl: str | ImplSpec) -> ImplSpec:

@@ -33,7 +33,7 @@ BAD_VALUES: dict[str, dict[str, list[object]]] = {
         "block_size": [0, -1, "0", "zigzag", "nan", "inf"],
         "kernel": ["triton", "", "nan", 0],
     },
-    "sparse": {
+    "sparse": {  # flex_sparse's too (below)
         "layout": ["zigzag", "", "nan", 1],
         "block_size": [0, -1, "0", "zigzag", "nan"],
         "window_blocks": [-1, "-2", "zigzag", "nan"],
@@ -43,6 +43,11 @@ BAD_VALUES: dict[str, dict[str, list[object]]] = {
         "summary_blocks": [0, -1, "0", "zigzag", "nan"],
         "seed": [-1, "-1", "zigzag", "nan", 2**64],
         "kernel": ["triton", "", "nan"],
+    },
+    "flex_local": {
+        "window": [-1, "-5", "zigzag", "nan", 2.5],
+        "block_size": [0, -1, "0", "zigzag", "nan"],
+        "kernel": ["triton", "", "nan", 0],
     },
     "performer": {
         "features": [0, -1, "0", "zigzag", "nan", 2.5],
@@ -58,6 +63,8 @@ BAD_VALUES: dict[str, dict[str, list[object]]] = {
         "n_buckets": [0, -2, 3, "3", "zigzag", "nan", "inf", 2.0],
     },
 }
+# flex_sparse: sparse's layout, and a kernel of its own (sparse's kernels are not its)
+BAD_VALUES["flex_sparse"] = {**BAD_VALUES["sparse"], "kernel": ["sdpa", "matmul", "", "nan"]}
 
 BUILTINS = sorted(name for name in list_impls() if get(name).source == registry.BUILTIN_SOURCE)
 CASES = [

@@ -12,7 +12,7 @@ import pytest
 import conformance
 from attention_impls import list_impls
 
-IMPLS = list_impls()
+IMPLS = conformance.suite_params(list_impls())
 # lengths that are not multiples of any block, window or chunk size
 LENGTHS = (1, 3, 127, 1000)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import conformance_shapes
 import pytest
 
+import conformance
 from attention_impls import list_impls
 
-IMPLS = list_impls()
+IMPLS = conformance.suite_params(list_impls())
 
 
 @pytest.mark.parametrize("name", IMPLS)

@@ -19,7 +19,8 @@ def test_builtins_registered() -> None:
 
 
 def test_wildcard_listing() -> None:
-    assert list_impls("f*") == ["full"]
+    assert list_impls("fu*") == ["full"]
+    assert list_impls("flex_*") == ["flex_local", "flex_sparse"]
     assert list_impls(["sd*", "fu?l"]) == ["full", "sdpa"]
     assert list_impls("nothing*") == []
 
