@@ -18,6 +18,8 @@ from typing import Any
 MODES = ("fwd", "fwd+bwd", "decode")
 SCOPES = ("attention", "layers")
 RESIDUALS = ("standard", "reversible", "checkpoint")
+# --compile: each implementation as it is (eager), or wrapped in torch.compile for its case's shapes
+COMPILE = {"off": False, "on": True}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # without --dtypes: float32 on the CPU; bfloat16 on a GPU, where the fused kernels (FlashAttention) need half precision
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "mps": "bfloat16"}
@@ -57,6 +59,7 @@ class Case:
     depth: int = 1  # layers in the stack (1 for the attention scope)
     residual: str = "standard"  # one of RESIDUALS (layers scope only)
     params: tuple[tuple[str, Any], ...] = ()  # the implementation's config, sorted (name, value) pairs
+    compile: bool = False  # wrapped in torch.compile (compiled once before timing; its time recorded apart)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +83,8 @@ class Case:
             if self.q_len:
                 raise GridError("a decode step has one query: it takes no q_len")
             object.__setattr__(self, "causal", True)  # a new token sees only the tokens before it
+        if not isinstance(self.compile, bool):
+            raise GridError(f"compile must be true or false, got {self.compile!r}")
         if self.scope == "layers" and (self.kv_heads or self.q_len or self.mode == "decode"):
             raise GridError(
                 "the layer scope measures self-attention training and inference (no kv_heads, q_len, decode)"
@@ -109,6 +114,8 @@ class Case:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["params"] = self.params_dict()
+        if not self.compile:  # eager cases keep the keys they had before the field existed
+            del data["compile"]
         return data
 
     @classmethod
@@ -136,6 +143,8 @@ class Case:
             parts.append(f"q_len={self.q_len}")
         if self.scope == "layers":
             parts.append(f"{self.residual}x{self.depth}")
+        if self.compile:
+            parts.append("compiled")
         return " ".join(parts)
 
     def family_key(self) -> tuple:
@@ -283,6 +292,7 @@ class GridRequest:
     residuals: tuple[str, ...] | None = None  # None: each implementation's own default
     kv_heads: tuple[int, ...] = (0,)  # key/value heads (0: as many as heads)
     q_lens: tuple[int, ...] = (0,)  # query lengths (0: self-attention)
+    compile: tuple[bool, ...] = (False,)  # eager, compiled or both
 
     def overrides(self) -> dict[str, dict[str, str]]:
         """``{"linformer": {"k": "128"}}``: the --param overrides by implementation."""
@@ -308,6 +318,7 @@ def expand_grid(
     residuals: Iterable[str] = ("standard",),
     kv_heads: Iterable[int] = (0,),
     q_lens: Iterable[int] = (0,),
+    compile: Iterable[bool] = (False,),
 ) -> list[Case]:
     """Every combination, ordered so each curve runs from short to long (the runner may stop a curve early).
 
@@ -317,8 +328,8 @@ def expand_grid(
     if scope == "attention":
         depths, residuals = (1,), ("standard",)
     cases = []
-    for device, dtype, (impl, params), mode, kv, q_len, depth, residual, seq_len in itertools.product(
-        devices, dtypes, impls.items(), modes, kv_heads, q_lens, depths, residuals, sorted(seq_lens)
+    for device, dtype, (impl, params), compiled, mode, kv, q_len, depth, residual, seq_len in itertools.product(
+        devices, dtypes, impls.items(), compile, modes, kv_heads, q_lens, depths, residuals, sorted(seq_lens)
     ):
         if mode == "decode" and q_len:
             continue
@@ -339,6 +350,7 @@ def expand_grid(
                 depth=depth,
                 residual=residual,
                 params=tuple(sorted(params.items())),
+                compile=compiled,
             )
         )
     return list(dict.fromkeys(cases))  # Case normalizes a shape to one key; the first place is kept

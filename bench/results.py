@@ -7,7 +7,8 @@ the lines they skip (:class:`Problem`) the same way for every command.
 Schema history (``schema_version``):
   1 — the fields of ``RECORD_FIELDS`` below. Fields added since are optional (a record without ``process``
       is process 0 of its case), so every version-1 file stays readable. ``rel_error`` (random inputs) was
-      renamed ``rel_error_random`` when the input families came (bench.families): readers rename it.
+      renamed ``rel_error_random`` when the input families came (bench.families): readers rename it. A case
+      without ``compile`` is eager (``Case.to_dict`` leaves it out when false).
 
 Never imports torch: reports are rebuilt from ``results/`` alone.
 """
@@ -99,6 +100,10 @@ RECORD_FIELDS = (
         Field(field, "number", f"||out - exact|| / ||exact|| on {family} inputs (float64 reference; bench.families)")
         for family, field in ERROR_FIELDS.items()
     ),
+    Field("compile_s", "number", "--compile on: seconds the first call took beyond a timed call's median"),
+    Field("first_call_s", "number", "--compile on: seconds of the first call (compilation and one call)"),
+    Field("compiled_graphs", "number", "--compile on: graphs the first call compiled (above 1: graph breaks)"),
+    Field("recompiles", "number", "--compile on: graphs compiled during the timed calls (their samples include it)"),
     Field("estimate_bytes", "number", "the memory the runner expected the case to need"),
     Field("wall_s", "number", "seconds the worker spent on the case, set-up included"),
     Field(

@@ -89,6 +89,9 @@ def _grid_request(args: argparse.Namespace) -> grid.GridRequest:
         ),
         kv_heads=kv_heads,
         q_lens=q_lens,
+        compile=tuple(
+            grid.COMPILE[choice] for choice in grid.parse_list(args.compile, allowed=grid.COMPILE, what="compile")
+        ),
     )
 
 
@@ -204,6 +207,12 @@ def add_run_parser(sub) -> None:
     )
     p.add_argument(
         "--param", action="append", default=[], metavar="IMPL.NAME=VALUE", help="hyperparameter override, repeatable"
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="off, on or off,on: each implementation as it is, or wrapped in torch.compile for its case's shapes "
+        "(compiled before timing; the compilation's time is recorded apart, as compile_s) (default: off)",
     )
     _add_option_flags(p, SweepOptions)
     _add_option_flags(p, MeasureOptions)

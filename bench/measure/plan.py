@@ -109,6 +109,7 @@ def plan_cases(request: GridRequest, *, by_kind: bool = True) -> list[Case]:
             residuals=residuals,
             kv_heads=request.kv_heads,
             q_lens=request.q_lens,
+            compile=request.compile,
         )
     return cases
 

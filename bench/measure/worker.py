@@ -30,6 +30,7 @@ import torch
 from attention_impls import UnsupportedCase, get, registry
 from bench.cases import Case
 from bench.measure.accuracy import approximation_errors
+from bench.measure.compiled import CompileFailed, Compiler, compile_module
 from bench.measure.env import BACKWARD_FLOP_FACTOR, TORCH_DTYPES, collect_env, set_tf32
 from bench.measure.memory import measure_peak
 from bench.measure.plan import unsupported_reason
@@ -113,6 +114,7 @@ class Prepared:
     errors: Callable[[], dict[str, float]] | None  # the approximation error against float64, or None
     reset: Callable[[], None]  # drops what a call leaves for the next to free (the gradients)
     cache_bytes: int | None = None  # decode: the bytes of the cache the step reads (after the step)
+    compiler: Compiler | None = None  # --compile on: its counting backend (the first call compiles)
 
 
 def _no_reset() -> None:
@@ -157,15 +159,19 @@ def prepare(case: Case, *, seed: int) -> Prepared:
     reason = unsupported_reason(case)
     if reason:
         raise UnsupportedCase(reason)
+    if case.compile and case.mode == "decode":
+        raise UnsupportedCase("--compile on covers fwd and fwd+bwd: decode steps are measured eager")
     torch.manual_seed(seed)
     grad = case.mode == "fwd+bwd"
+    compiler = None
     if case.scope == "layers":
         module = _layer_stack(spec, case, dtype)
         inputs = [torch.randn(case.batch, case.seq_len, case.d_model, device=case.device, dtype=dtype)]
         flops = layer_stack_flops(spec, case)
+        called, compiler = compile_module(module) if case.compile else (module, None)
 
         def forward():
-            return module(inputs[0])
+            return called(inputs[0])
 
     else:
         module = spec.build(
@@ -192,8 +198,10 @@ def prepare(case: Case, *, seed: int) -> Prepared:
             kv_heads=case.key_value_heads,
         )
 
+        called, compiler = compile_module(module) if case.compile else (module, None)
+
         def forward():
-            return module(*inputs, causal=case.causal)
+            return called(*inputs, causal=case.causal)
 
     errors = None
     if case.scope == "attention" and not spec.exact and case.mode == "fwd":
@@ -208,7 +216,7 @@ def prepare(case: Case, *, seed: int) -> Prepared:
             with torch.no_grad():
                 return forward()
 
-        return Prepared(fn, flops, errors, _no_reset)
+        return Prepared(fn, flops, errors, _no_reset, compiler=compiler)
     for tensor in inputs:
         tensor.requires_grad_(True)
     leaves = [*inputs, *module.parameters()]
@@ -222,11 +230,9 @@ def prepare(case: Case, *, seed: int) -> Prepared:
         out = forward()
         out.float().sum().backward()
 
-    if case.scope == "layers":
-        return Prepared(
-            step, flops, errors, reset
-        )  # stack_flops counts the backward (and the reversible recomputation)
-    return Prepared(step, (1 + BACKWARD_FLOP_FACTOR) * flops, errors, reset)
+    if case.scope == "layers":  # stack_flops counts the backward (and the reversible recomputation)
+        return Prepared(step, flops, errors, reset, compiler=compiler)
+    return Prepared(step, (1 + BACKWARD_FLOP_FACTOR) * flops, errors, reset, compiler=compiler)
 
 
 def run_case(
@@ -247,6 +253,8 @@ def run_case(
     try:
         set_tf32(options.tf32)
         prepared = prepare(case, seed=options.seed)
+        if prepared.compiler is not None:
+            prepared.compiler.first_call(prepared.fn, lambda: synchronize(case.device))
         flops = prepared.flops
         stats = time_callable(
             prepared.fn,
@@ -275,6 +283,8 @@ def run_case(
         )
         if prepared.cache_bytes is not None:
             result["cache_bytes"] = prepared.cache_bytes
+        if prepared.compiler is not None:
+            result.update(prepared.compiler.fields(stats.median_s))
         if process == 0:
             memory = measure_peak(prepared.fn, device=case.device, reset=prepared.reset)
             result.update(
@@ -288,6 +298,8 @@ def run_case(
             result.update(prepared.errors())
     except UnsupportedCase as exc:
         result = {"status": "skipped", "message": first_line(exc)}
+    except CompileFailed as exc:  # the compiler's one-line reason; the sweep goes on
+        result = {"status": "error", "message": str(exc)}
     except registry.RegistryError as exc:
         result = {"status": "error", "message": first_line(exc)}
     except Exception as exc:

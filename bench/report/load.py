@@ -50,6 +50,8 @@ CURVE_COLUMNS = (
 )
 # a curve without its implementation: curves that share these can be compared with each other
 PEER_COLUMNS = tuple(c for c in CURVE_COLUMNS if c not in ("impl", "params"))
+# a compiled case's curve is its implementation's name with this (eager and compiled side by side everywhere)
+COMPILED_SUFFIX = "+compiled"
 STATUS_LABELS = {"oom": "OOM", "timeout": "timeout", "skipped": "skipped", "error": "error", "crashed": "crashed"}
 
 
@@ -177,7 +179,9 @@ def record_row(
         "head_dim": case.head_dim,
         "depth": case.depth,
         "residual": case.residual,
-        "impl": case.impl,
+        "impl": case.impl + COMPILED_SUFFIX if case.compile else case.impl,  # compiled: a curve of its own
+        "base_impl": case.impl,
+        "compiled": case.compile,
         "params": params_text(case.params_dict()),
         "seq_len": case.seq_len,
         "case_key": case.key(),

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from bench.report.analysis import Analysis, analyze
+from bench.report.compilation import compilation_section, compilation_table
 from bench.report.defaults import (
     DEFAULT_BASELINES,
     DEFAULT_CONFIDENCE,
@@ -49,6 +50,7 @@ _TABLE_FILES = (
     ("layers", "layer-stack cases: median time and peak memory by depth and residual kind"),
     ("grouped_heads", "setups measured with several numbers of key/value heads: time and memory by kv_heads"),
     ("stops", "where each curve stopped: the first non-ok length and its status and message"),
+    ("compilation", "per compiled case: its eager twin's median, the speedup, compile_s, graphs and recompiles"),
     ("environments", "the environments the records come from, with their identity fields"),
 )
 
@@ -210,6 +212,7 @@ def _tables(an: Analysis) -> dict[str, pd.DataFrame]:
         "layers": an.layers,
         "grouped_heads": an.grouped_heads,
         "stops": an.stops,
+        "compilation": compilation_table(an.results.frame),
         "environments": an.results.environments,
     }
 
@@ -233,6 +236,7 @@ def render_markdown(an: Analysis, *, figures: Sequence[Any], tables: Sequence[Pa
         grouped_heads_section(an),
         layers_section(an),
         errors_section(an),
+        compilation_section(an.results.frame),
         stops_section(an),
         repeatability_section(an),
         _figures_section(figures, out_dir=out_dir),
