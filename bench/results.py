@@ -100,9 +100,9 @@ RECORD_FIELDS = (
         Field(field, "number", f"||out - exact|| / ||exact|| on {family} inputs (float64 reference; bench.families)")
         for family, field in ERROR_FIELDS.items()
     ),
-    Field("compile_s", "number", "--compile on: seconds the first call took beyond a timed call's median"),
-    Field("first_call_s", "number", "--compile on: seconds of the first call (compilation and one call)"),
-    Field("compiled_graphs", "number", "--compile on: graphs the first call compiled (above 1: graph breaks)"),
+    Field("compile_s", "number", "--compile on: seconds the untimed compiling calls took beyond as many medians"),
+    Field("compile_calls", "number", "--compile on: untimed calls until one compiled nothing new (at most 3)"),
+    Field("compiled_graphs", "number", "--compile on: graphs compiled before timing (above 1: graph breaks)"),
     Field("recompiles", "number", "--compile on: graphs compiled during the timed calls (their samples include it)"),
     Field("estimate_bytes", "number", "the memory the runner expected the case to need"),
     Field("wall_s", "number", "seconds the worker spent on the case, set-up included"),

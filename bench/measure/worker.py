@@ -114,7 +114,7 @@ class Prepared:
     errors: Callable[[], dict[str, float]] | None  # the approximation error against float64, or None
     reset: Callable[[], None]  # drops what a call leaves for the next to free (the gradients)
     cache_bytes: int | None = None  # decode: the bytes of the cache the step reads (after the step)
-    compiler: Compiler | None = None  # --compile on: its counting backend (the first call compiles)
+    compiler: Compiler | None = None  # --compile on: its counting backend (the first calls compile)
 
 
 def _no_reset() -> None:
@@ -254,7 +254,7 @@ def run_case(
         set_tf32(options.tf32)
         prepared = prepare(case, seed=options.seed)
         if prepared.compiler is not None:
-            prepared.compiler.first_call(prepared.fn, lambda: synchronize(case.device))
+            prepared.compiler.compile(prepared.fn, lambda: synchronize(case.device))
         flops = prepared.flops
         stats = time_callable(
             prepared.fn,
