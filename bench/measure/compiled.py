@@ -1,9 +1,12 @@
 """Compiled cases (``attnbench run --compile on``): the module wrapped in ``torch.compile``, its compilation timed
 apart from the samples, and recompilations during the timed calls counted.
 
-Each compiled case starts from a reset compiler (``torch._dynamo.reset``): nothing compiled for an earlier case
-of the worker serves it, so its first call compiles every graph it runs (PyTorch's on-disk caches stay as they
-are: a shape compiled before on this machine, by another process or run, compiles faster). The first call is
+Each compiled case starts from a reset compiler (``torch._dynamo.reset``) with Inductor's caches off
+(``force_disable_caches``): nothing compiled for an earlier case, by this worker or by any run on the machine,
+serves it, so its first call compiles every graph it runs, as on a fresh machine, and ``compile_s`` repeats
+from run to run (with the on-disk caches, a second run of the same sweep compiled several times faster). The
+worker keeps the setting for its life, so FlexAttention's own compilation, in its untimed first call, is cold
+too. The first call is
 made before the timed ones, and more while a call compiles something new (an implementation that fills a cache
 in its first call traces another path in its second): ``compile_s`` is the wall time of those calls less as
 many median calls. A backend that counts the graphs handed to Inductor tells how many were compiled before
@@ -89,5 +92,6 @@ def _reason(exc: Exception) -> Exception:
 def compile_module(module: torch.nn.Module) -> tuple[torch.nn.Module, Compiler]:
     """``module`` compiled for one case's shapes (static: each case is one shape), with its counting backend."""
     torch._dynamo.reset()  # no graph of an earlier case serves this one, and no cache limit is near
+    torch._inductor.config.force_disable_caches = True  # nor any compiled on this machine before: a cold compile
     compiler = Compiler()
     return torch.compile(module, backend=compiler, dynamic=False), compiler
