@@ -16,7 +16,7 @@ _PAIR_COLUMNS = [*(c for c in CURVE_COLUMNS if c != "impl"), "base_impl", "seq_l
 
 def compilation_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per compiled case that ran: its eager twin's median (NaN without one), the speedup, compile_s,
-    the graphs its first call compiled and those compiled while it was timed."""
+    the graphs compiled before timing and those compiled while it was timed."""
     compiled = ok_rows(frame[frame["compiled"]])
     if compiled.empty:
         return pd.DataFrame()
@@ -53,9 +53,10 @@ def compilation_section(frame: pd.DataFrame) -> list[str]:
     text = (
         "Each compiled case (`--compile on`: the implementation wrapped in `torch.compile` for its shapes) beside "
         "the eager one of the same curve and length. Speedup: eager median over compiled median. Compile: the "
-        "first call's seconds beyond a timed call (compilation, once per case; never in the samples); graphs: "
-        "those the first call compiled (more than one: graph breaks); recompiled: graphs compiled while the case "
-        "was timed (their samples then include compilation)."
+        "seconds of the untimed calls that compiled it (until one compiled nothing new) beyond as many timed "
+        "calls, a cold compilation (Inductor's caches off), never in the samples; graphs: those compiled before "
+        "timing (more than one: graph breaks); recompiled: graphs compiled while the case was timed (their "
+        "samples then include compilation)."
     )
     return [
         "## Compiled and eager",
