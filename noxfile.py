@@ -206,6 +206,12 @@ COMMITTED_REPORTS = {
     # fwd, 2048 to 32768: the families' fitted exponents; decoding, grouped heads, cross-attention and layer
     # stacks at 4096 (results/shapes.jsonl, another machine: its curves stay apart)
     f"{REPORTS}/scaling": ["results/scaling.jsonl", "results/shapes.jsonl"],
+    # eager against torch.compile, every implementation at 2048 and 8192 (results/compile/README.md)
+    f"{REPORTS}/compile": ["results/compile/cpu.jsonl"],
+    # Performer and Nystromformer, 2048 to 32768 (results/contenders/README.md)
+    f"{REPORTS}/contenders": ["results/contenders/cpu.jsonl"],
+    # FlexAttention beside local and sparse, 2048 to 16384 (results/flex/README.md)
+    f"{REPORTS}/flex": ["results/flex/cpu.jsonl"],
 }
 
 
