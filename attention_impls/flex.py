@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from attention_impls.base import AttentionModule, UnsupportedCase
+from attention_impls.base import AttentionModule, UnsupportedCase, needs_grad
 
 __all__ = [
     "KERNELS",
@@ -129,7 +129,7 @@ class FlexModule(AttentionModule):
 
     def _attend(self, q, k, v, key: tuple, build: Callable[[], object]) -> torch.Tensor:
         reason = flex_unsupported_reason(kernel=self.config.kernel, device=str(q.device), dtype=q.dtype)
-        if reason is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        if reason is None and needs_grad(q, k, v):
             reason = backward_unsupported_reason(q.device)
         if reason is not None:
             raise UnsupportedCase(reason)

@@ -18,6 +18,7 @@ compiled per shape by ``torch.compile`` on first use (its time is the first call
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -115,6 +116,6 @@ class FlexLocalAttention(flex.FlexModule):
     @classmethod
     def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal, q_len=None, kv_heads=None):
         q_len = q_len or seq_len
-        blocks = -(-q_len // config.block_size) * -(-seq_len // config.block_size)
+        block_pairs = math.ceil(q_len / config.block_size) * math.ceil(seq_len / config.block_size)
         # the output; the block mask's four index tables (and their transposes), int32
-        return float(batch * heads * q_len * head_dim * itemsize + 8 * 4 * blocks)
+        return float(batch * heads * q_len * head_dim * itemsize + 8 * 4 * block_pairs)

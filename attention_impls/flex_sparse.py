@@ -17,6 +17,7 @@ query block, memory O(n d) plus the layout's O((n / b)^2) block tables.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -88,9 +89,7 @@ class FlexSparseAttention(flex.FlexModule):
 
     @classmethod
     def config_error(cls, config):
-        if not isinstance(config.kernel, str) or config.kernel not in flex.KERNELS:
-            return choice_error(config, "kernel", flex.KERNELS)
-        return super().config_error(config) or SparseAttention.config_error(dataclasses.replace(config.sparse_config()))
+        return choice_error(config, "kernel", flex.KERNELS) or SparseAttention.config_error(config.sparse_config())
 
     @classmethod
     def flops(cls, config, *, batch, heads, seq_len, head_dim, causal):
@@ -101,6 +100,6 @@ class FlexSparseAttention(flex.FlexModule):
 
     @classmethod
     def memory_bytes(cls, config, *, batch, heads, seq_len, head_dim, itemsize, causal):
-        blocks = -((-seq_len // config.block_size) ** 2)
+        n_blocks = math.ceil(seq_len / config.block_size)
         # the output; the layout (bool) and the block mask's four index tables (and their transposes), int32
-        return float(batch * heads * seq_len * head_dim * itemsize + blocks * (1 + 8 * 4))
+        return float(batch * heads * seq_len * head_dim * itemsize + n_blocks * n_blocks * (1 + 8 * 4))

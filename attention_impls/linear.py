@@ -78,6 +78,7 @@ __all__ = [
     "feature_map",
     "linear_attention",
     "linear_attention_on_features",
+    "state_output",
 ]
 
 # elements (batch x heads x positions x head_dim) of q handled by one vectorized step on the CPU, rounded to
@@ -305,6 +306,12 @@ def block_positions(
 def _divide(num: torch.Tensor, raw: torch.Tensor, *, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """num / max(raw, eps): num (..., rows, d) over raw (..., rows), into ``out`` when given (cast to its dtype)."""
     return torch.div(num, raw.clamp_min(eps).unsqueeze(-1), out=out)
+
+
+def state_output(rows: torch.Tensor, kv: torch.Tensor, z: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """phi(q) S over max(phi(q) z, eps) for feature rows (..., rows, m) against the sums S (..., m, d) and z
+    (..., m): (..., rows, d), in the sums' dtype (a decoding step's output)."""
+    return _divide(rows @ kv, _normalizer(rows, z), eps=eps)
 
 
 def _positions(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -671,7 +678,7 @@ class LinearAttention(AttentionModule):
         phi_k = phi(k).to(kv.dtype)  # (batch, kv_heads, 1, head_dim)
         state = _State(kv + phi_k.transpose(-2, -1) @ v.to(kv.dtype), z + phi_k[:, :, 0])  # new tensors
         rows = phi(group_queries(q, k.shape[1])).to(kv.dtype)  # (batch, kv_heads, group, head_dim)
-        out = _divide(rows @ state.kv, _normalizer(rows, state.z), eps=self.config.eps).to(q.dtype)
+        out = state_output(rows, state.kv, state.z, eps=self.config.eps).to(q.dtype)
         grown = DecodeCache(length=cache.length + 1, capacity=cache.capacity, tensors=state._asdict())
         return ungroup_queries(out, q.shape[1]), grown  # (batch, heads, 1, head_dim)
 

@@ -45,7 +45,7 @@ import torch
 
 from attention_impls.base import AttentionModule, check_qkv, group_queries, int_error, needs_grad, ungroup_queries
 from attention_impls.decoding import DecodeCache
-from attention_impls.linear import block_positions, linear_attention_on_features
+from attention_impls.linear import block_positions, linear_attention_on_features, state_output
 from attention_impls.registry import register
 
 __all__ = ["PerformerAttention", "PerformerConfig", "orthogonal_features", "random_features"]
@@ -181,9 +181,7 @@ class PerformerAttention(AttentionModule):
         kv = kv * rescale.unsqueeze(-1) + phi_k.unsqueeze(-1) * v[:, :, 0].to(acc).unsqueeze(-2)  # new tensors
         z = z * rescale + phi_k
         rows = random_features(group_queries(q, k.shape[1]).to(acc), projection, per_row=True)  # (b, kvh, g, m)
-        num = rows @ kv  # (batch, kv_heads, group, head_dim)
-        den = torch.linalg.vecdot(rows, z.unsqueeze(-2)).clamp_min(torch.finfo(acc).tiny)  # (b, kvh, group)
-        out = (num / den.unsqueeze(-1)).to(q.dtype)
+        out = state_output(rows, kv, z, eps=torch.finfo(acc).tiny).to(q.dtype)  # (batch, kv_heads, group, d)
         grown = DecodeCache(
             length=cache.length + 1, capacity=cache.capacity, tensors={"kv": kv, "z": z, "shift": new_shift}
         )

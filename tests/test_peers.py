@@ -66,4 +66,4 @@ def test_every_pair_names_a_registered_mechanism() -> None:
     """--pairs selects by the label's first word: each is a registered implementation."""
     from attention_impls import list_impls
 
-    assert {pair.label.split(" ")[0].rstrip(",") for pair in peers.pairs()} <= set(list_impls())
+    assert {peers.mechanism(pair) for pair in peers.pairs()} <= set(list_impls())

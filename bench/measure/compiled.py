@@ -6,10 +6,9 @@ Each compiled case starts from a reset compiler (``torch._dynamo.reset``) with I
 serves it, so its first call compiles every graph it runs, as on a fresh machine, and ``compile_s`` repeats
 from run to run (with the on-disk caches, a second run of the same sweep compiled several times faster). The
 worker keeps the setting for its life, so FlexAttention's own compilation, in its untimed first call, is cold
-too. The first call is
-made before the timed ones, and more while a call compiles something new (an implementation that fills a cache
-in its first call traces another path in its second): ``compile_s`` is the wall time of those calls less as
-many median calls. A backend that counts the graphs handed to Inductor tells how many were compiled before
+too. The first call is made before the timed ones, and more while a call compiles something new (an
+implementation that fills a cache in its first call traces another path in its second): ``compile_s`` is the
+wall time of those calls less as many median calls. A backend that counts the graphs handed to Inductor tells how many were compiled before
 timing (more than one: graph breaks) and whether the timed calls compiled more (``recompiles``: their samples
 include compilation, and the record says so).
 """

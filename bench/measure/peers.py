@@ -200,6 +200,11 @@ def _nystrom_peer(landmarks: int, iterations: int) -> Side:
     return make
 
 
+def mechanism(pair: Pair) -> str:
+    """The registered implementation a pair times: its label's first word (what --pairs names)."""
+    return pair.label.split(" ")[0].rstrip(",")
+
+
 def pairs() -> list[Pair]:
     window = get("local").config.window
     reformer = get("reformer").config
@@ -319,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = pairs()
     if args.pairs:
         names = args.pairs.split(",")
-        mechanisms = sorted({pair.label.split(" ")[0].rstrip(",") for pair in chosen})
+        mechanisms = sorted({mechanism(pair) for pair in chosen})
         if unknown := sorted(set(names) - set(mechanisms)):
             parser.error(f"unknown pair {unknown[0]!r}; choose from {', '.join(mechanisms)}")
-        chosen = [pair for pair in chosen if pair.label.split(" ")[0].rstrip(",") in names]
+        chosen = [pair for pair in chosen if mechanism(pair) in names]
     torch.set_num_threads(args.threads)
     rows = []
     for pair in chosen:

@@ -163,12 +163,10 @@ def prepare(case: Case, *, seed: int) -> Prepared:
         raise UnsupportedCase("--compile on covers fwd and fwd+bwd: decode steps are measured eager")
     torch.manual_seed(seed)
     grad = case.mode == "fwd+bwd"
-    compiler = None
     if case.scope == "layers":
         module = _layer_stack(spec, case, dtype)
         inputs = [torch.randn(case.batch, case.seq_len, case.d_model, device=case.device, dtype=dtype)]
         flops = layer_stack_flops(spec, case)
-        called, compiler = compile_module(module) if case.compile else (module, None)
 
         def forward():
             return called(inputs[0])
@@ -198,11 +196,10 @@ def prepare(case: Case, *, seed: int) -> Prepared:
             kv_heads=case.key_value_heads,
         )
 
-        called, compiler = compile_module(module) if case.compile else (module, None)
-
         def forward():
             return called(*inputs, causal=case.causal)
 
+    called, compiler = compile_module(module) if case.compile else (module, None)  # what forward() calls
     errors = None
     if case.scope == "attention" and not spec.exact and case.mode == "fwd":
 
