@@ -36,8 +36,9 @@ def test_each_mode_times_its_call(mode: str) -> None:
     row = peers.measure(pair, 8, mode, rounds=1, min_time_s=0.0, threads=1)
     assert row["mode"] == mode and row["seq_len"] == 8 and row["n_samples"] >= 3
     assert row["ours_over_peer"] == pytest.approx(row["ours_median_s"] / row["peer_median_s"])
-    table = peers.markdown([row], threads=1)
+    table = peers.markdown([row], threads=1, allocator="MALLOC_TRIM_THRESHOLD_=1")
     assert f"| self | {mode} | 8 |" in table
+    assert "C allocator: MALLOC_TRIM_THRESHOLD_=1." in table  # which heap the timings had, in the table
 
 
 def test_a_training_step_fills_every_leafs_gradient() -> None:

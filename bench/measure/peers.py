@@ -26,7 +26,10 @@ tokens, 40 times ours.
 The peers of ``linear`` use a softmax feature map (ours: elu+1, the paper's;
 a second row runs ours with its softmax feature map) and the causal one skips
 its own bucket: same O(n d^2) algorithm, not the same function; the table
-says so.
+says so. Both sides share the process's C allocator: with glibc's defaults a
+temporary of 32 MiB or more is mapped and page-faulted afresh on every call
+(the table names the setting; ``MALLOC_*`` variables raised compare the
+arithmetic alone).
 
 Run: ``nox -s peers`` (or ``python -m bench.measure.peers --seq-lens 8192,16384 --modes fwd,fwd+bwd``).
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 
 from attention_impls import get
+from bench.measure.process import allocator_setting
 from bench.measure.timing import time_callable
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -287,7 +292,7 @@ def measure(pair: Pair, seq_len: int, mode: str, *, rounds: int, min_time_s: flo
     }
 
 
-def markdown(rows: list[dict], *, threads: int) -> str:
+def markdown(rows: list[dict], *, threads: int, allocator: str = "default") -> str:
     lines = [
         "# attnbench against public implementations",
         "",
@@ -295,6 +300,11 @@ def markdown(rows: list[dict], *, threads: int) -> str:
         f"{torch.__version__}. `fwd`: the forward without autograd; `fwd+bwd`: a training step, the forward and "
         "the backward of its sum, with gradients for q, k and v (linformer: for the input and every projection). "
         "Medians of interleaved samples; `ours / peer` below 1 means attnbench is faster. Built by `nox -s peers`.",
+        "",
+        f"C allocator: {allocator}. Both sides share one process and its heap: with glibc's defaults a temporary "
+        "of 32 MiB or more (float32, 8 heads of 64 at 16384 tokens: one q-sized tensor) is mapped afresh and "
+        "page-faulted on every call, so the time of an implementation that makes such temporaries includes "
+        "that; `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set high compare the arithmetic alone.",
         "",
         "| mechanism | mode | seq_len | ours (ms) | peer (ms) | ours / peer | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -336,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(pair, seq_len, mode, rounds=args.rounds, min_time_s=args.min_time, threads=args.threads)
                 print(json.dumps(row), file=sys.stderr)
                 rows.append(row)
-    text = markdown(rows, threads=args.threads)
+    allocator = allocator_setting(os.environ)
+    for row in rows:
+        row["allocator"] = allocator
+    text = markdown(rows, threads=args.threads, allocator=allocator)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
