@@ -292,7 +292,7 @@ def measure(pair: Pair, seq_len: int, mode: str, *, rounds: int, min_time_s: flo
     }
 
 
-def markdown(rows: list[dict], *, threads: int, allocator: str = "default") -> str:
+def markdown(rows: list[dict], *, threads: int, allocator: str) -> str:
     lines = [
         "# attnbench against public implementations",
         "",
